@@ -1,0 +1,60 @@
+"""The relay's error tree: each error that reaches a client knows its wire code."""
+
+from relay.codes import ErrorCode
+
+
+class RelayError(Exception):
+    """Base of every error the relay raises on purpose."""
+
+
+class ClientError(RelayError):
+    """A request the relay refuses; answered with an `error` frame, the connection stays."""
+
+    code: ErrorCode = ErrorCode.BAD_FRAME
+
+    def __init__(self, message: str, *, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.ref = ref
+
+
+class BadFrame(ClientError):
+    code = ErrorCode.BAD_FRAME
+
+
+class UnknownType(ClientError):
+    code = ErrorCode.UNKNOWN_TYPE
+
+
+class TooLarge(ClientError):
+    code = ErrorCode.TOO_LARGE
+
+
+class BadRecipient(ClientError):
+    code = ErrorCode.BAD_RECIPIENT
+
+
+class TtlTooLong(ClientError):
+    code = ErrorCode.TTL_TOO_LONG
+
+
+class RateLimited(ClientError):
+    code = ErrorCode.RATE_LIMITED
+
+
+class MailboxFull(ClientError):
+    code = ErrorCode.MAILBOX_FULL
+
+
+class StorageUnavailable(ClientError):
+    """Redis could not be reached or did not answer in time."""
+
+    code = ErrorCode.STORAGE_UNAVAILABLE
+
+
+class UnsafeRedis(RelayError):
+    """The Redis server's settings would break the ephemerality contract."""
+
+
+class AuthError(RelayError):
+    """A token was refused. Deliberately carries no detail to the client."""

@@ -1,0 +1,23 @@
+-- Delete acknowledged messages of one mailbox. Unknown, expired or already
+-- deleted ids are ignored. When the mailbox is left empty its keys go too.
+-- KEYS: idx, tally, msg keys...   ARGV: ids (in the order of the msg keys)
+-- Returns how many messages were deleted.
+local idx, tally = KEYS[1], KEYS[2]
+local deleted, removed, freed = 0, 0, 0
+for i = 3, #KEYS do
+  local size = redis.call('STRLEN', KEYS[i])
+  if size > 0 then
+    redis.call('DEL', KEYS[i])
+    deleted = deleted + 1
+    freed = freed + size
+  end
+  removed = removed + redis.call('ZREM', idx, ARGV[i - 2])
+end
+if removed > 0 and redis.call('EXISTS', tally) == 1 then
+  local pending = redis.call('HINCRBY', tally, 'n', -removed)
+  redis.call('HINCRBY', tally, 'b', -freed)
+  if pending <= 0 and redis.call('EXISTS', idx) == 0 then
+    redis.call('DEL', tally)
+  end
+end
+return deleted

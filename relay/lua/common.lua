@@ -1,0 +1,21 @@
+-- Shared by the scripts below (prepended when they are loaded).
+-- Every key of one mailbox shares the hash tag {mailbox}, so a script touches one slot.
+
+-- Drop index entries whose message key has expired; return live count and bytes.
+local function purge(idx, msg_prefix)
+  local ids = redis.call('ZRANGE', idx, 0, -1)
+  local live, bytes, stale = 0, 0, {}
+  for _, id in ipairs(ids) do
+    local size = redis.call('STRLEN', msg_prefix .. id)
+    if size == 0 then
+      stale[#stale + 1] = id
+    else
+      live = live + 1
+      bytes = bytes + size
+    end
+  end
+  for i = 1, #stale, 500 do
+    redis.call('ZREM', idx, unpack(stale, i, math.min(i + 499, #stale)))
+  end
+  return live, bytes
+end

@@ -1,0 +1,56 @@
+-- Store one copy of a message for one recipient, index it, and publish it.
+-- KEYS: idx, tally, msg, ref
+-- ARGV: id, envelope, ttl_ms, max_messages, max_bytes, channel, publish command,
+--       use_ref ('1' or '0'), ref record value, retention_ms
+-- Returns {0, seq} when stored, {1, ref record} when the ref was seen before
+-- (nothing stored), {-1, 'messages' | 'bytes', limit} when the mailbox is full.
+local idx, tally, msg, ref = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local id, envelope, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local max_messages, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
+
+if ARGV[8] == '1' then
+  local prior = redis.call('GET', ref)
+  if prior then
+    return {1, prior}
+  end
+end
+
+local size = #envelope
+local count = redis.call('ZCARD', idx)
+local bytes = tonumber(redis.call('HGET', tally, 'b') or '0')
+if count >= max_messages or bytes + size > max_bytes then
+  -- The counts may include expired messages: recount before refusing.
+  count, bytes = purge(idx, string.sub(msg, 1, #msg - #id))
+  if redis.call('EXISTS', tally) == 1 then
+    redis.call('HSET', tally, 'b', bytes)
+  end
+  if count >= max_messages then
+    return {-1, 'messages', max_messages}
+  end
+  if bytes + size > max_bytes then
+    return {-1, 'bytes', max_bytes}
+  end
+end
+
+-- Sequence: microseconds of the Redis clock, strictly increasing per mailbox.
+local now = redis.call('TIME')
+local seq = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local last = redis.call('ZRANGE', idx, -1, -1, 'WITHSCORES')
+if last[2] and tonumber(last[2]) >= seq then
+  seq = tonumber(last[2]) + 1
+end
+seq = string.format('%.0f', seq)
+
+redis.call('SET', msg, envelope, 'PX', ttl_ms)
+redis.call('ZADD', idx, seq, id)
+if redis.call('PTTL', idx) < ttl_ms then
+  redis.call('PEXPIRE', idx, ttl_ms)
+end
+redis.call('HINCRBY', tally, 'n', 1)
+redis.call('HINCRBY', tally, 'b', size)
+redis.call('PEXPIRE', tally, ARGV[10])
+if ARGV[8] == '1' then
+  redis.call('SET', ref, ARGV[9], 'PX', ttl_ms)
+end
+redis.call(ARGV[7], ARGV[6], seq .. ' ' .. envelope)
+return {0, seq}

@@ -1,0 +1,66 @@
+"""The mailbox store: what the relay keeps for undelivered messages, independent of Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import attrs
+
+
+@attrs.frozen
+class Accepted:
+    """Every copy of a send is stored: one message id per recipient."""
+
+    ids: Mapping[str, str]
+    expires_at_ms: int
+
+
+@attrs.frozen
+class Delivery:
+    """One stored message as the recipient gets it.
+
+    `envelope` is the JSON object sent in a `deliver` frame, encoded once when
+    the message was stored; `seq` orders the messages of one mailbox.
+    """
+
+    seq: int
+    id: str
+    envelope: str
+
+
+@attrs.frozen
+class SessionStart:
+    """What the store knows when a mailbox's session begins."""
+
+    expired: int  # messages that expired unacknowledged since the last session
+    waiting: int
+
+
+class MailboxStore(Protocol):
+    async def send(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: str,
+        ttl_s: int,
+        ref: str | None,
+        now_ms: int,
+    ) -> Accepted:
+        """Store one copy per recipient, all or none; a repeated `ref` stores nothing new."""
+        ...
+
+    async def start_session(self, mailbox: str) -> SessionStart: ...
+
+    async def fetch(self, mailbox: str, after: int, limit: int) -> list[Delivery]:
+        """Up to `limit` waiting messages with a sequence above `after`, oldest first."""
+        ...
+
+    async def ack(self, mailbox: str, ids: Sequence[str]) -> int:
+        """Delete these messages of `mailbox`; return how many were deleted."""
+        ...
+
+
+def envelope_id(envelope: str) -> str:
+    """The message id of an envelope, which always starts `{"id":"<id>",`."""
+    return envelope[7 : envelope.index('"', 7)]

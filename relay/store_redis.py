@@ -1,0 +1,226 @@
+"""The Redis implementation of the mailbox store.
+
+Keys of mailbox m, with the configurable prefix `relay:` (see design.md):
+
+    relay:{m}:msg:<id>              string  one envelope; PX = the message's ttl, set once
+    relay:{m}:idx                   zset    id -> seq; PX >= its longest-lived member's ttl
+    relay:{m}:tally                 hash    n (pending count), b (pending bytes); PX = retention
+    relay:{m}:ref:<len>:<from>:<ref> string "<id> <expires_at_ms>"; PX = the message's ttl
+    relay:{m}:ch                    channel the store publishes "<seq> <envelope>" on
+
+Every write happens inside one Lua script per mailbox (relay/lua/), and every
+key it writes gets a TTL in the same script. Message ids start with the send
+time in hexadecimal milliseconds, so `relay audit` can tell a message's age
+from its key name without reading its body.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import attrs
+import orjson
+import redis
+
+from relay.errors import MailboxFull, RelayError, StorageUnavailable
+from relay.redis_pump import Command, LuaScript, RedisPump
+from relay.store import Accepted, Delivery, SessionStart, envelope_id
+
+
+def _load(name: str) -> LuaScript:
+    lua = resources.files("relay") / "lua"
+    source = (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    return LuaScript(name, source)
+
+
+SEND, FETCH, ACK, START = (_load(n) for n in ("send", "fetch", "ack", "start"))
+
+
+def new_message_id(now_ms: int) -> str:
+    return f"{now_ms:x}-{secrets.token_urlsafe(6)}"
+
+
+def message_sent_ms(message_id: str) -> int | None:
+    """The send time encoded in a message id, or None when it is not one of ours."""
+    head, _, _ = message_id.partition("-")
+    try:
+        return int(head, 16)
+    except ValueError:
+        return None
+
+
+@attrs.frozen
+class Keys:
+    """Names of the keys of one mailbox under a prefix."""
+
+    base: str
+
+    @classmethod
+    def of(cls, prefix: str, mailbox: str) -> Keys:
+        return cls(f"{prefix}{{{mailbox}}}:")
+
+    @property
+    def idx(self) -> str:
+        return self.base + "idx"
+
+    @property
+    def tally(self) -> str:
+        return self.base + "tally"
+
+    @property
+    def msg_prefix(self) -> str:
+        return self.base + "msg:"
+
+    @property
+    def channel(self) -> str:
+        return self.base + "ch"
+
+    def msg(self, message_id: str) -> str:
+        return self.base + "msg:" + message_id
+
+    def ref(self, sender: str, ref: str) -> str:
+        return f"{self.base}ref:{len(sender)}:{sender}:{ref}"
+
+
+@attrs.frozen
+class Quota:
+    max_messages: int = 10_000
+    max_bytes: int = 64 * 1024 * 1024
+
+
+class RedisMailboxStore:
+    """MailboxStore on Redis, reached through a RedisPump."""
+
+    def __init__(
+        self,
+        pump: RedisPump,
+        *,
+        prefix: str = "relay:",
+        retention_s: int = 7 * 24 * 3600,
+        quota: Quota = Quota(),
+        sharded_pubsub: bool = False,
+    ) -> None:
+        self.pump = pump
+        self.prefix = prefix
+        self.retention_s = retention_s
+        self.quota = quota
+        self._publish = "SPUBLISH" if sharded_pubsub else "PUBLISH"
+
+    def keys(self, mailbox: str) -> Keys:
+        return Keys.of(self.prefix, mailbox)
+
+    async def send(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: str,
+        ttl_s: int,
+        ref: str | None,
+        now_ms: int,
+    ) -> Accepted:
+        expires_at_ms = now_ms + ttl_s * 1000
+        tail = orjson.dumps(
+            {"from": sender, "body": body, "sent_at": now_ms, "expires_at": expires_at_ms}
+        ).decode()[1:]
+        ids = {r: new_message_id(now_ms) for r in recipients}
+        commands = []
+        for recipient, message_id in ids.items():
+            keys = self.keys(recipient)
+            ref_key = keys.ref(sender, ref) if ref is not None else keys.base + "ref:-"
+            args = (
+                message_id,
+                f'{{"id":"{message_id}",{tail}',
+                ttl_s * 1000,
+                self.quota.max_messages,
+                self.quota.max_bytes,
+                keys.channel,
+                self._publish,
+                "0" if ref is None else "1",
+                f"{message_id} {expires_at_ms}",
+                self.retention_s * 1000,
+            )
+            commands.append(
+                Command.call(SEND, (keys.idx, keys.tally, keys.msg(message_id), ref_key), args)
+            )
+        results = await self.pump.execute_many(commands)
+
+        stored: list[tuple[str, str]] = []  # copies this call created
+        failure: Exception | None = None
+        for recipient, result in zip(recipients, results, strict=True):
+            if isinstance(result, Exception):
+                failure = failure or _storage_error(result)
+            elif result[0] == 0:
+                stored.append((recipient, ids[recipient]))
+            elif result[0] == 1:
+                prior_id, prior_expiry = str(result[1]).split(" ")
+                ids[recipient] = prior_id
+                if len(stored) == 0:
+                    expires_at_ms = int(prior_expiry)
+            else:
+                failure = failure or MailboxFull(
+                    f"mailbox {recipient} is full ({result[2]} {result[1]} at most)", ref=ref
+                )
+        if failure is not None:
+            await self._unsend(sender, ref, stored)
+            if isinstance(failure, StorageUnavailable | MailboxFull):
+                failure.ref = ref
+            raise failure
+        return Accepted(ids=ids, expires_at_ms=expires_at_ms)
+
+    async def _unsend(self, sender: str, ref: str | None, stored: list[tuple[str, str]]) -> None:
+        """Delete the copies one failed send stored, with their idempotency records."""
+        commands = []
+        for recipient, message_id in stored:
+            keys = self.keys(recipient)
+            commands.append(
+                Command.call(ACK, (keys.idx, keys.tally, keys.msg(message_id)), (message_id,))
+            )
+            if ref is not None:
+                commands.append(Command(("DEL", keys.ref(sender, ref))))
+        if commands:
+            for result in await self.pump.execute_many(commands):
+                if isinstance(result, Exception):
+                    raise _storage_error(result)
+
+    async def start_session(self, mailbox: str) -> SessionStart:
+        keys = self.keys(mailbox)
+        expired, waiting, _ = await self._script(
+            START, (keys.idx, keys.tally), (keys.msg_prefix, self.retention_s * 1000)
+        )
+        return SessionStart(expired=int(expired), waiting=int(waiting))
+
+    async def fetch(self, mailbox: str, after: int, limit: int) -> list[Delivery]:
+        keys = self.keys(mailbox)
+        flat = await self._script(FETCH, (keys.idx,), (keys.msg_prefix, after, limit))
+        return [
+            Delivery(seq=int(flat[i]), id=envelope_id(flat[i + 1]), envelope=flat[i + 1])
+            for i in range(0, len(flat), 2)
+        ]
+
+    async def ack(self, mailbox: str, ids: Sequence[str]) -> int:
+        keys = self.keys(mailbox)
+        unique = list(dict.fromkeys(ids))
+        deleted = await self._script(
+            ACK, (keys.idx, keys.tally, *(keys.msg(i) for i in unique)), unique
+        )
+        return int(deleted)
+
+    async def _script(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self.pump.run_script(script, keys, args)
+        except redis.RedisError as exc:
+            raise _storage_error(exc) from exc
+
+
+def _storage_error(exc: Exception) -> Exception:
+    """Map a Redis failure to the error a client is told."""
+    if isinstance(exc, RelayError):
+        return exc
+    if isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM"):
+        return StorageUnavailable("Redis is out of memory")
+    if isinstance(exc, redis.RedisError):
+        return StorageUnavailable(f"Redis error: {type(exc).__name__}")
+    return exc
