@@ -50,7 +50,9 @@ class MailboxStore(Protocol):
         """Store one copy per recipient, all or none; a repeated `ref` stores nothing new."""
         ...
 
-    async def start_session(self, mailbox: str) -> SessionStart: ...
+    async def start_session(self, mailbox: str, notice: str = "") -> SessionStart:
+        """Forget expired messages, count them, and publish `notice` to the mailbox's sessions."""
+        ...
 
     async def fetch(self, mailbox: str, after: int, limit: int) -> list[Delivery]:
         """Up to `limit` waiting messages with a sequence above `after`, oldest first."""

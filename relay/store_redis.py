@@ -101,13 +101,11 @@ class RedisMailboxStore:
         prefix: str = "relay:",
         retention_s: int = 7 * 24 * 3600,
         quota: Quota = Quota(),
-        sharded_pubsub: bool = False,
     ) -> None:
         self.pump = pump
         self.prefix = prefix
         self.retention_s = retention_s
         self.quota = quota
-        self._publish = "SPUBLISH" if sharded_pubsub else "PUBLISH"
 
     def keys(self, mailbox: str) -> Keys:
         return Keys.of(self.prefix, mailbox)
@@ -137,7 +135,6 @@ class RedisMailboxStore:
                 self.quota.max_messages,
                 self.quota.max_bytes,
                 keys.channel,
-                self._publish,
                 "0" if ref is None else "1",
                 f"{message_id} {expires_at_ms}",
                 self.retention_s * 1000,
@@ -185,10 +182,12 @@ class RedisMailboxStore:
                 if isinstance(result, Exception):
                     raise _storage_error(result)
 
-    async def start_session(self, mailbox: str) -> SessionStart:
+    async def start_session(self, mailbox: str, notice: str = "") -> SessionStart:
         keys = self.keys(mailbox)
         expired, waiting, _ = await self._script(
-            START, (keys.idx, keys.tally), (keys.msg_prefix, self.retention_s * 1000)
+            START,
+            (keys.idx, keys.tally),
+            (keys.msg_prefix, self.retention_s * 1000, keys.channel, notice),
         )
         return SessionStart(expired=int(expired), waiting=int(waiting))
 

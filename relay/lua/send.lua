@@ -1,6 +1,6 @@
 -- Store one copy of a message for one recipient, index it, and publish it.
 -- KEYS: idx, tally, msg, ref
--- ARGV: id, envelope, ttl_ms, max_messages, max_bytes, channel, publish command,
+-- ARGV: id, envelope, ttl_ms, max_messages, max_bytes, channel,
 --       use_ref ('1' or '0'), ref record value, retention_ms
 -- Returns {0, seq} when stored, {1, ref record} when the ref was seen before
 -- (nothing stored), {-1, 'messages' | 'bytes', limit} when the mailbox is full.
@@ -8,7 +8,7 @@ local idx, tally, msg, ref = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, envelope, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local max_messages, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
 
-if ARGV[8] == '1' then
+if ARGV[7] == '1' then
   local prior = redis.call('GET', ref)
   if prior then
     return {1, prior}
@@ -48,9 +48,9 @@ if redis.call('PTTL', idx) < ttl_ms then
 end
 redis.call('HINCRBY', tally, 'n', 1)
 redis.call('HINCRBY', tally, 'b', size)
-redis.call('PEXPIRE', tally, ARGV[10])
-if ARGV[8] == '1' then
-  redis.call('SET', ref, ARGV[9], 'PX', ttl_ms)
+redis.call('PEXPIRE', tally, ARGV[9])
+if ARGV[7] == '1' then
+  redis.call('SET', ref, ARGV[8], 'PX', ttl_ms)
 end
-redis.call(ARGV[7], ARGV[6], seq .. ' ' .. envelope)
+redis.call('PUBLISH', ARGV[6], seq .. ' ' .. envelope)
 return {0, seq}
