@@ -1,0 +1,177 @@
+"""The `relay` command. Logging is configured here and nowhere else.
+
+Each subcommand is one `add_<name>_command(subparsers)` function that
+registers its parser and sets `run`, a function from the parsed arguments to
+the exit status. Options come from flags, `RELAY_*` environment variables and
+an optional TOML file (relay.config). Exit 2 means a usage error or Redis
+could not be reached; `relay audit` exits 1 when it finds a violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import signal
+import sys
+import time
+from typing import TypeAlias
+
+import attrs
+import redis
+import trio
+
+from relay import config as relay_config
+from relay import logs
+from relay.audit import audit
+from relay.cli_client import add_listen_command, add_send_command, add_token_command
+from relay.errors import RelayError
+from relay.redis_pump import connect
+from relay.server import serve_relay
+
+EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
+
+# Quoted: argparse's class is generic only in typeshed.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+AUDIT_OPTIONS = (
+    "redis-url",
+    "key-prefix",
+    "retention",
+    "allow-persistent-redis",
+    "allow-eviction",
+    "log-level",
+)
+
+
+def load_config(args: argparse.Namespace) -> relay_config.Config | None:
+    """The Config for these arguments, or None after printing why it is invalid."""
+    try:
+        return relay_config.load(args)
+    except (ValueError, OSError) as exc:
+        print(f"relay {args.command}: {exc}", file=sys.stderr)
+        return None
+
+
+def add_serve_command(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the relay",
+        description="Run the relay. Without --redis-url it starts a private, memory-only Valkey.",
+    )
+    relay_config.add_arguments(parser)
+    parser.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    if config is None:
+        return EXIT_USAGE
+    logs.configure(config.log_level, config.log_format)
+    if config.jwt_secret is None and not config.jwt_public_keys:
+        config = attrs.evolve(config, jwt_secret=secrets.token_urlsafe(32))
+        _announce_development_secret(config)
+    try:
+        trio.run(_serve_until_signal, config)
+    except RelayError as exc:
+        print(f"relay serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, redis.RedisError) as exc:
+        print(f"relay serve: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _announce_development_secret(config: relay_config.Config) -> None:
+    url = f"ws://{config.host}:{config.port}/v1"
+    print(
+        "\n*** DEVELOPMENT MODE: no --jwt-secret or --jwt-public-key was given. ***\n"
+        "*** This run accepts tokens signed with a secret made up just now;    ***\n"
+        "*** never run like this in production.                               ***\n\n"
+        "In another terminal:\n"
+        f"  export RELAY_JWT_SECRET={config.jwt_secret}\n"
+        f"  export RELAY_URL={url}\n"
+        "  relay listen --as bob &\n"
+        "  relay send --as alice --to bob 'hello'\n"
+        "  relay token bob          # a token for your own client\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def _serve_until_signal(config: relay_config.Config) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(serve_relay, config)
+            async for _ in signals:
+                running.shutdown()
+                break
+
+
+def add_audit_command(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "audit",
+        help="check that every relay key on a live Redis has a TTL within the retention window",
+        description="Exit 0 when nothing violates the ephemerality contract, 1 on a "
+        "violation, 2 on a usage error or when Redis cannot be reached.",
+    )
+    relay_config.add_arguments(parser, AUDIT_OPTIONS)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=run_audit)
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    if config is None:
+        return EXIT_USAGE
+    logs.configure(config.log_level, config.log_format)
+    if not config.redis_url:
+        print("relay audit: --redis-url (or RELAY_REDIS_URL) is required", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        client = connect(config.redis_url)
+    except ValueError as exc:  # redis-py's message for a malformed URL
+        print(f"relay audit: bad --redis-url: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = audit(
+            client,
+            config.key_prefix,
+            config.retention_s,
+            now_ms=time.time_ns() // 1_000_000,
+            allow_persistent=config.allow_persistent_redis,
+            allow_eviction=config.allow_eviction,
+        )
+    except redis.RedisError as exc:  # the message names host and port, never the password
+        print(f"relay audit: cannot audit Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        client.close()
+    print(report.to_json() if args.json else report.to_text())
+    return EXIT_OK if report.ok else EXIT_VIOLATION
+
+
+COMMANDS = (
+    add_serve_command,
+    add_token_command,
+    add_send_command,
+    add_listen_command,
+    add_audit_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="A WebSocket relay that keeps a message only until it is delivered.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (usage errors exit 2 via argparse)."""
+    args = build_parser().parse_args(argv)
+    status: int = args.run(args)
+    return status

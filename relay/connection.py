@@ -1,0 +1,93 @@
+"""From a WebSocket handshake to an authenticated session.
+
+Refuses a foreign `Origin` with HTTP 403 before the upgrade, selects the
+`relay.v1` subprotocol when offered, and authenticates by the `Authorization:
+Bearer` header or by an `auth` frame sent first within `auth_timeout`. Every
+authentication failure closes with 4401 and the same reason; nothing else is
+processed before authentication succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from relay import protocol
+from relay.auth import Identity, Verifier
+from relay.codes import CLOSE_REASONS, CloseCode
+from relay.errors import AuthError, ClientError
+from relay.session import CLOSE_TIMEOUT_S, Services, Session
+
+log = logging.getLogger(__name__)
+
+SUBPROTOCOL = "relay.v1"
+
+
+class Refused(Exception):
+    """Authentication failed; carries the close code to send."""
+
+    def __init__(self, code: CloseCode) -> None:
+        self.code = code
+
+
+def _header(request: WebSocketRequest, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def handle_request(request: WebSocketRequest, services: Services, verifier: Verifier) -> None:
+    """Serve one connection to its end. Never raises: one client must not hurt the others."""
+    try:
+        origins = services.config.allowed_origins
+        if origins and _header(request, b"origin") not in origins:
+            await request.reject(403, body=b"origin not allowed\n")
+            return
+        offered = SUBPROTOCOL in request.proposed_subprotocols
+        ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
+        try:
+            identity = await _authenticate(ws, request, services, verifier)
+        except Refused as refused:
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await ws.aclose(refused.code, CLOSE_REASONS[refused.code])
+            return
+        await Session(ws, identity.mailbox, identity.expires_at_s, services).run()
+    except ConnectionClosed:
+        pass
+    except Exception:
+        log.exception("connection handler failed")
+
+
+async def _authenticate(
+    ws: WebSocketConnection, request: WebSocketRequest, services: Services, verifier: Verifier
+) -> Identity:
+    header = _header(request, b"authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            raise Refused(CloseCode.UNAUTHORIZED)
+        return _verify(verifier, token.strip())
+    with trio.move_on_after(services.config.auth_timeout_s):
+        message = await ws.get_message()
+        if not isinstance(message, str):
+            raise Refused(CloseCode.UNAUTHORIZED)
+        try:
+            frame = protocol.parse_frame(message, services.limits)
+        except ClientError:
+            raise Refused(CloseCode.UNAUTHORIZED) from None
+        if not isinstance(frame, protocol.AuthFrame):
+            raise Refused(CloseCode.UNAUTHORIZED)
+        return _verify(verifier, frame.token)
+    raise Refused(CloseCode.AUTH_TIMEOUT)
+
+
+def _verify(verifier: Verifier, token: str) -> Identity:
+    try:
+        return verifier.verify(token, time.time())
+    except AuthError as exc:
+        log.info("authentication refused: %s", getattr(exc, "reason", "invalid token"))
+        raise Refused(CloseCode.UNAUTHORIZED) from None

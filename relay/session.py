@@ -1,0 +1,289 @@
+"""One authenticated WebSocket: inbound frames, outbound delivery and keepalive in one nursery.
+
+Delivery keeps a cursor (the sequence of the last message delivered in this
+session) and reads in order from two sources: the envelopes the hub hands over
+as they are stored (no extra Redis read when the recipient is online), and the
+mailbox in Redis whenever that stream may have a gap (session start, a full
+notice buffer, a pub/sub reconnect, the periodic backstop). Anything at or
+below the cursor was delivered already and is skipped, so a message is never
+repeated within a session. At most `max_inflight` messages are delivered and
+unacked; the rest wait in Redis, not here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from relay import protocol
+from relay.codes import CLOSE_REASONS, CloseCode, ErrorCode
+from relay.config import Config
+from relay.errors import BadFrame, ClientError, RelayError, StorageUnavailable
+from relay.hub import Hub
+from relay.logs import pseudonym
+from relay.store import MailboxStore, envelope_id
+
+log = logging.getLogger(__name__)
+
+FETCH_PAGE = 100  # messages read from Redis at a time
+NOTICE_BUFFER_BYTES = 256 * 1024  # envelopes held for a busy session before falling back to Redis
+CLOSE_TIMEOUT_S = 2.0
+STORAGE_RETRY_S = 1.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@attrs.define(eq=False)
+class Services:
+    """What every session of this process shares."""
+
+    config: Config
+    store: MailboxStore
+    hub: Hub
+    limits: protocol.Limits
+    sessions: set[Session] = attrs.field(factory=set)
+    draining: bool = False  # shutting down: new sessions are closed with 1001 at once
+
+
+class Session:
+    def __init__(
+        self, ws: WebSocketConnection, mailbox: str, token_expires_at_s: float, services: Services
+    ) -> None:
+        self.ws = ws
+        self.mailbox = mailbox
+        self.id = secrets.token_urlsafe(12)
+        self._token_expires_at_s = token_expires_at_s
+        self._services = services
+        self._config = services.config
+        self._cursor = 0
+        self._inflight = trio.Semaphore(self._config.max_inflight)
+        self._unacked: set[str] = set()
+        self._notices: deque[tuple[int, str]] = deque()
+        self._notice_bytes = 0
+        self._must_read = True  # read the mailbox from Redis before trusting notices
+        self._wake = trio.Event()
+        self._established = False  # saw its own "replaced" notice come back
+        self._close_code: CloseCode | None = None
+        self._cancel_scope = trio.CancelScope()
+
+    # -- the hub's side ---------------------------------------------------
+
+    def on_message(self, seq: int, envelope: str) -> None:
+        if self._notice_bytes + len(envelope) > NOTICE_BUFFER_BYTES:
+            self.resync()
+            return
+        self._notices.append((seq, envelope))
+        self._notice_bytes += len(envelope)
+        self._wake.set()
+
+    def on_replaced(self, session_id: str) -> None:
+        """Redis orders the notices: one published after ours means a newer session."""
+        if session_id == self.id:
+            self._established = True
+        elif self._established:
+            self.close(CloseCode.REPLACED)
+
+    def resync(self) -> None:
+        self._notices.clear()
+        self._notice_bytes = 0
+        self._must_read = True
+        self._established = True
+        self._wake.set()
+
+    # -- lifecycle --------------------------------------------------------
+
+    def close(self, code: CloseCode) -> None:
+        """End the session with `code` (the first code given wins)."""
+        if self._close_code is None:
+            self._close_code = code
+        self._cancel_scope.cancel()
+
+    async def run(self) -> None:
+        services = self._services
+        services.sessions.add(self)
+        if services.draining:
+            self.close(CloseCode.GOING_AWAY)
+        try:
+            with self._cancel_scope:
+                await services.hub.subscribe(self.mailbox, self)
+                try:
+                    await self._serve()
+                finally:
+                    services.hub.unsubscribe(self.mailbox, self)
+        except ConnectionClosed:
+            pass
+        except RelayError as exc:
+            log.warning("session %s ended: %s", pseudonym(self.mailbox), exc)
+            self._close_code = self._close_code or CloseCode.GOING_AWAY
+        finally:
+            services.sessions.discard(self)
+            with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+                scope.shield = True
+                code = self._close_code or CloseCode.NORMAL
+                await self.ws.aclose(code, CLOSE_REASONS[code])
+
+    async def _serve(self) -> None:
+        start = await self._services.store.start_session(self.mailbox, f"!r {self.id}")
+        await self._send(
+            protocol.encode_welcome(
+                self.mailbox,
+                self.id,
+                self._config.retention_s,
+                self._config.max_body_bytes,
+                self._config.max_inflight,
+                now_ms(),
+                start.expired,
+            )
+        )
+        log.debug("session %s started, %d waiting", pseudonym(self.mailbox), start.waiting)
+        async with trio.open_nursery() as nursery:
+            for loop in (
+                self._inbound,
+                self._outbound,
+                self._keepalive,
+                self._expire,
+                self._backstop,
+            ):
+                nursery.start_soon(self._until_done, loop, nursery.cancel_scope)
+
+    @staticmethod
+    async def _until_done(loop: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        """When one loop ends (the peer closed, say), the others stop too."""
+        try:
+            await loop()
+        except ConnectionClosed:
+            pass
+        finally:
+            scope.cancel()
+
+    async def _send(self, text: str) -> None:
+        """Send a frame; a client that does not read within the deadline is closed (1008)."""
+        with trio.move_on_after(self._config.send_timeout_s) as scope:
+            await self.ws.send_message(text)
+        if scope.cancelled_caught:
+            log.warning("session %s too slow to read; closing", pseudonym(self.mailbox))
+            self.close(CloseCode.POLICY)
+            await trio.lowlevel.checkpoint()
+
+    # -- the loops --------------------------------------------------------
+
+    async def _inbound(self) -> None:
+        while True:
+            message = await self.ws.get_message()
+            try:
+                if isinstance(message, bytes):
+                    raise BadFrame("binary frames are reserved for a later protocol version")
+                await self._handle(protocol.parse_frame(message, self._services.limits))
+            except ClientError as exc:
+                await self._send(protocol.encode_error(exc.code, exc.message, exc.ref))
+            except Exception:
+                # A bug must not end the session, nor reach the client in detail.
+                log.exception("session %s: frame failed", pseudonym(self.mailbox))
+                await self._send(protocol.encode_error(ErrorCode.INTERNAL, "internal error", None))
+
+    async def _handle(self, frame: protocol.ClientFrame) -> None:
+        store = self._services.store
+        if isinstance(frame, protocol.SendFrame):
+            accepted = await store.send(
+                self.mailbox, frame.to, frame.body, frame.ttl_s, frame.ref, now_ms()
+            )
+            await self._send(
+                protocol.encode_accepted(frame.ref, accepted.ids, accepted.expires_at_ms)
+            )
+        elif isinstance(frame, protocol.AckFrame):
+            count = await store.ack(self.mailbox, frame.ids)
+            for message_id in frame.ids:
+                if message_id in self._unacked:
+                    self._unacked.remove(message_id)
+                    self._inflight.release()
+            if frame.ref is not None:
+                await self._send(protocol.encode_acked(frame.ref, count))
+        else:
+            raise BadFrame("already authenticated")
+
+    async def _outbound(self) -> None:
+        while True:
+            if not self._must_read and not self._notices:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            slots = await self._take_slots()
+            if self._must_read:
+                self._must_read = False
+                try:
+                    batch = await self._services.store.fetch(self.mailbox, self._cursor, slots)
+                except StorageUnavailable as exc:
+                    log.warning("session %s: %s; retrying", pseudonym(self.mailbox), exc.message)
+                    self._release(slots)
+                    self._must_read = True
+                    await trio.sleep(STORAGE_RETRY_S)
+                    continue
+                if len(batch) == slots:
+                    self._must_read = True  # there may be more
+                deliveries = [(d.seq, d.id, d.envelope) for d in batch]
+            else:
+                deliveries = self._take_notices(slots)
+            self._release(slots - len(deliveries))
+            if deliveries:
+                self._cursor = deliveries[-1][0]
+                self._unacked.update(message_id for _, message_id, _ in deliveries)
+                await self._send(
+                    protocol.encode_deliver([envelope for _, _, envelope in deliveries])
+                )
+
+    async def _take_slots(self) -> int:
+        """Wait for one free in-flight slot, then take more that are free, up to a page."""
+        await self._inflight.acquire()
+        slots = 1
+        while slots < FETCH_PAGE:
+            try:
+                self._inflight.acquire_nowait()
+            except trio.WouldBlock:
+                break
+            slots += 1
+        return slots
+
+    def _release(self, slots: int) -> None:
+        for _ in range(slots):
+            self._inflight.release()
+
+    def _take_notices(self, limit: int) -> list[tuple[int, str, str]]:
+        taken: list[tuple[int, str, str]] = []
+        while self._notices and len(taken) < limit:
+            seq, envelope = self._notices.popleft()
+            self._notice_bytes -= len(envelope)
+            if seq > self._cursor and (not taken or seq > taken[-1][0]):
+                taken.append((seq, envelope_id(envelope), envelope))
+        return taken
+
+    async def _keepalive(self) -> None:
+        while True:
+            await trio.sleep(self._config.ping_interval_s)
+            with trio.move_on_after(self._config.idle_timeout_s) as scope:
+                await self.ws.ping()
+            if scope.cancelled_caught:
+                log.info("session %s idle; closing", pseudonym(self.mailbox))
+                self.close(CloseCode.NORMAL)
+
+    async def _expire(self) -> None:
+        await trio.sleep(max(self._token_expires_at_s - time.time(), 0))
+        self.close(CloseCode.UNAUTHORIZED)
+
+    async def _backstop(self) -> None:
+        """Re-read the mailbox now and then, in case a notice was lost."""
+        if math.isinf(self._config.backstop_drain_s):
+            return
+        while True:
+            await trio.sleep(self._config.backstop_drain_s)
+            self._must_read = True
+            self._wake.set()

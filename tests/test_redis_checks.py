@@ -1,0 +1,93 @@
+"""Contract point 4: the relay refuses a Redis that persists to disk or may evict messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from relay.embedded import EmbeddedServer
+from relay.errors import UnsafeRedis
+from relay.redis_checks import RedisSettings, check_settings, read_settings
+from relay.redis_pump import RedisClient, connect
+
+SAFE = RedisSettings(save="", appendonly="no", maxmemory_policy="noeviction")
+
+
+@pytest.fixture
+def private_server(redis_server: EmbeddedServer) -> Iterator[EmbeddedServer]:
+    """A private server of the same kind as the shared one, free to be made unsafe."""
+    with EmbeddedServer(binary=redis_server.binary) as server:
+        yield server
+
+
+@pytest.fixture
+def private_client(private_server: EmbeddedServer) -> Iterator[RedisClient]:
+    with connect(private_server.url) as client:
+        yield client
+        # A server still writing its first append-only file ignores SIGTERM for a while.
+        client.config_set("appendonly", "no")
+
+
+def test_contract_4_safe_server_starts_without_warnings(redis_client: RedisClient) -> None:
+    settings = read_settings(redis_client)
+    assert settings == SAFE
+    assert check_settings(settings, allow_persistent=False, allow_eviction=False) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "flag", "allow"),
+    [
+        ("appendonly", "yes", "--allow-persistent-redis", "allow_persistent"),
+        ("save", "3600 1", "--allow-persistent-redis", "allow_persistent"),
+        ("maxmemory-policy", "volatile-lru", "--allow-eviction", "allow_eviction"),
+    ],
+)
+def test_contract_4_unsafe_setting_refused_unless_allowed(
+    private_client: RedisClient, name: str, value: str, flag: str, allow: str
+) -> None:
+    private_client.config_set(name, value)
+    settings = read_settings(private_client)
+    assert getattr(settings, name.replace("-", "_")) == value
+
+    other = "allow_eviction" if allow == "allow_persistent" else "allow_persistent"
+    with pytest.raises(UnsafeRedis) as refused:
+        check_settings(settings, **{allow: False, other: True})
+    message = str(refused.value)
+    assert name in message and repr(value) in message and flag in message
+
+    warnings = check_settings(settings, **{allow: True, other: False})
+    assert len(warnings) == 1
+    assert name in warnings[0] and flag in warnings[0]
+
+
+def test_contract_4_refusal_names_every_unsafe_setting() -> None:
+    settings = RedisSettings(save="60 1", appendonly="yes", maxmemory_policy="allkeys-lru")
+    with pytest.raises(UnsafeRedis) as refused:
+        check_settings(settings, allow_persistent=False, allow_eviction=False)
+    message = str(refused.value)
+    for part in ("save", "appendonly", "maxmemory-policy", "outlive", "evicted"):
+        assert part in message
+    assert len(check_settings(settings, allow_persistent=True, allow_eviction=True)) == 3
+
+
+def test_contract_4_unreadable_config_warns_what_to_check(
+    private_server: EmbeddedServer, private_client: RedisClient
+) -> None:
+    """Managed Redis often refuses CONFIG; here an ACL user without it stands in."""
+    private_client.acl_setuser(
+        "limited", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", "-config"]
+    )
+    with connect(f"unix://limited:secret@{private_server.socket_path}") as limited:
+        settings = read_settings(limited)
+    assert settings == RedisSettings(save=None, appendonly=None, maxmemory_policy=None)
+
+    warnings = check_settings(settings, allow_persistent=False, allow_eviction=False)
+    assert len(warnings) == 3
+    for warning, name, safe in zip(
+        warnings,
+        ("save", "appendonly", "maxmemory-policy"),
+        ('""', "no", "noeviction"),
+        strict=True,
+    ):
+        assert "could not verify" in warning and name in warning and safe in warning
