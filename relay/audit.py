@@ -10,7 +10,6 @@ starts with its send time (relay.store_redis.message_sent_ms).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
@@ -20,7 +19,7 @@ import orjson
 
 from relay.redis_checks import RedisSettings, evaluate_settings, read_settings
 from relay.redis_pump import RedisClient
-from relay.store_redis import message_sent_ms
+from relay.store_redis import glob_escape, message_sent_ms
 
 BATCH = 1000
 LISTED_MAX = 100  # key names listed per kind of violation; all are counted
@@ -111,8 +110,7 @@ def _message_id(key: str, prefix: str) -> str | None:
 
 def _pttls(client: RedisClient, prefix: str) -> Iterator[tuple[str, int]]:
     """Every key under the prefix with its PTTL, asked in pipelined batches."""
-    pattern = re.sub(r"([\\*?\[\]])", r"\\\1", prefix) + "*"  # the prefix taken literally
-    keys = client.scan_iter(match=pattern, count=BATCH)
+    keys = client.scan_iter(match=glob_escape(prefix) + "*", count=BATCH)
     while batch := list(islice(keys, BATCH)):
         with client.pipeline(transaction=False) as pipe:
             for key in batch:

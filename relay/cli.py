@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import signal
 import sys
 import time
 from typing import TypeAlias
@@ -26,7 +25,8 @@ from relay.audit import audit
 from relay.cli_client import add_listen_command, add_send_command, add_token_command
 from relay.errors import RelayError
 from relay.redis_pump import connect
-from relay.server import serve_relay
+from relay.server import serve_until_signal
+from relay.workers import run_supervisor
 
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
 
@@ -66,12 +66,15 @@ def run_serve(args: argparse.Namespace) -> int:
     config = load_config(args)
     if config is None:
         return EXIT_USAGE
-    logs.configure(config.log_level, config.log_format)
+    logs.configure(config.log_level, config.log_format, config.log_key)
     if config.jwt_secret is None and not config.jwt_public_keys:
         config = attrs.evolve(config, jwt_secret=secrets.token_urlsafe(32))
         _announce_development_secret(config)
     try:
-        trio.run(_serve_until_signal, config)
+        if config.workers > 1 and config.worker_id is None:
+            run_supervisor(config)
+        else:
+            trio.run(serve_until_signal, config)
     except RelayError as exc:
         print(f"relay serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -96,15 +99,6 @@ def _announce_development_secret(config: relay_config.Config) -> None:
         file=sys.stderr,
         flush=True,
     )
-
-
-async def _serve_until_signal(config: relay_config.Config) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            running = await nursery.start(serve_relay, config)
-            async for _ in signals:
-                running.shutdown()
-                break
 
 
 def add_audit_command(subparsers: Subparsers) -> None:

@@ -11,6 +11,7 @@ in their name (`retention_s`); options that take durations accept `90s`,
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -47,6 +48,14 @@ class Config:
     send_timeout_s: float = 10.0
     drain_timeout_s: float = 10.0
     backstop_drain_s: float = 30.0
+    rate_limit_per_s: float = 100.0
+    rate_burst: int = 200
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 1_000
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed
+    workers: int = 1
+    worker_id: int | None = None  # set by the supervisor of --workers
+    log_key: str | None = None  # key of the mailbox pseudonyms in logs
     tls_cert: str | None = None
     tls_key: str | None = None
     log_level: str = "info"
@@ -70,6 +79,18 @@ def _bool(text: str) -> bool:
     if value in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _rate(text: str) -> float:
+    value = float(text.removesuffix("/s"))
+    if value <= 0:
+        raise ValueError(f"a rate must be positive, got {text!r}")
+    return value
+
+
+def _network(text: str) -> str:
+    ipaddress.ip_network(text, strict=False)  # raises ValueError with the reason
+    return text
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -151,6 +172,30 @@ OPTIONS: tuple[Option, ...] = (
     Option("drain-timeout", "drain_timeout_s", _seconds, "time sessions get to close on shutdown"),
     Option(
         "backstop-drain", "backstop_drain_s", _seconds, "period of the safety re-read of mailboxes"
+    ),
+    Option("rate-limit", "rate_limit_per_s", _rate, "frames a second per connection (e.g. 100/s)"),
+    Option("rate-burst", "rate_burst", int, "frames a connection may send at once above the rate"),
+    Option("max-connections", "max_connections", int, "connections per process; more get HTTP 503"),
+    Option(
+        "max-connections-per-ip",
+        "max_connections_per_ip",
+        int,
+        "connections per client address; more get HTTP 429",
+    ),
+    Option(
+        "trusted-proxy",
+        "trusted_proxies",
+        _network,
+        "CIDR of a proxy whose X-Forwarded-For is believed",
+        repeatable=True,
+    ),
+    Option("workers", "workers", int, "relay processes sharing the port (SO_REUSEPORT)"),
+    Option("worker-id", "worker_id", int, "set by the supervisor; do not use"),
+    Option(
+        "log-key",
+        "log_key",
+        str,
+        "key of the keyed hash that names mailboxes in logs (default: random per process)",
     ),
     Option("tls-cert", "tls_cert", str, "PEM certificate: serve wss:// directly"),
     Option("tls-key", "tls_key", str, "PEM private key for --tls-cert"),
@@ -256,6 +301,11 @@ def _from_file(path: str) -> dict[str, Any]:
 
 def _validate(config: Config) -> None:
     positive = (
+        "rate_limit_per_s",
+        "rate_burst",
+        "max_connections",
+        "max_connections_per_ip",
+        "workers",
         "retention_s",
         "max_body_bytes",
         "max_inflight",

@@ -13,12 +13,13 @@ import logging
 import time
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebSocketRequest
 
 from relay import protocol
 from relay.auth import Identity, Verifier
 from relay.codes import CLOSE_REASONS, CloseCode
 from relay.errors import AuthError, ClientError
+from relay.limits import client_address
 from relay.session import CLOSE_TIMEOUT_S, Services, Session
 
 log = logging.getLogger(__name__)
@@ -42,24 +43,60 @@ def _header(request: WebSocketRequest, name: bytes) -> str | None:
 
 async def handle_request(request: WebSocketRequest, services: Services, verifier: Verifier) -> None:
     """Serve one connection to its end. Never raises: one client must not hurt the others."""
+    config, metrics = services.config, services.metrics
     try:
-        origins = services.config.allowed_origins
+        origins = config.allowed_origins
         if origins and _header(request, b"origin") not in origins:
-            await request.reject(403, body=b"origin not allowed\n")
+            await _refuse(request, services, 403, b"origin not allowed\n")
+            return
+        if services.connections.total() >= config.max_connections:
+            await _refuse(request, services, 503, b"too many connections\n")
+            return
+        peer = (
+            request.remote.address if isinstance(request.remote, Endpoint) else str(request.remote)
+        )
+        address = client_address(
+            str(peer), _header(request, b"x-forwarded-for"), services.trusted_proxies
+        )
+        if services.connections[address] >= config.max_connections_per_ip:
+            await _refuse(request, services, 429, b"too many connections from this address\n")
             return
         offered = SUBPROTOCOL in request.proposed_subprotocols
         ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
+    except ConnectionClosed:
+        return
+    except Exception:
+        log.exception("handshake failed")
+        return
+    services.connections[address] += 1
+    metrics.connections.inc()
+    metrics.connections_opened.inc()
+    code: int = CloseCode.NORMAL
+    try:
         try:
             identity = await _authenticate(ws, request, services, verifier)
         except Refused as refused:
+            code = refused.code
             with trio.move_on_after(CLOSE_TIMEOUT_S):
                 await ws.aclose(refused.code, CLOSE_REASONS[refused.code])
             return
-        await Session(ws, identity.mailbox, identity.expires_at_s, services).run()
-    except ConnectionClosed:
-        pass
+        code = await Session(ws, identity.mailbox, identity.expires_at_s, services).run()
+    except ConnectionClosed as closed:
+        code = closed.reason.code if closed.reason else CloseCode.NORMAL
     except Exception:
         log.exception("connection handler failed")
+        code = 1011
+    finally:
+        services.connections[address] -= 1
+        if services.connections[address] <= 0:
+            del services.connections[address]
+        metrics.connections.dec()
+        metrics.connections_closed.labels(str(code)).inc()
+
+
+async def _refuse(request: WebSocketRequest, services: Services, status: int, body: bytes) -> None:
+    services.metrics.handshakes_refused.labels(str(status)).inc()
+    await request.reject(status, body=body)
 
 
 async def _authenticate(

@@ -43,9 +43,15 @@ class Subscriber(Protocol):
 
 class Hub:
     def __init__(
-        self, client: RedisClient, channel_of: Callable[[str], str], *, poll_s: float = 0.5
+        self,
+        client: RedisClient,
+        channel_of: Callable[[str], str],
+        *,
+        on_reconnect: Callable[[], None] = lambda: None,
+        poll_s: float = 0.5,
     ) -> None:
         self._client = client
+        self._on_reconnect = on_reconnect
         self._channel_of = channel_of
         self._poll_s = poll_s
         self._pubsub: Any = None
@@ -56,7 +62,6 @@ class Hub:
         self._stopping = threading.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._connects = 0
-        self.reconnects = 0
         self.connected = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -154,7 +159,7 @@ class Hub:
 
     def _resync_all(self) -> None:
         self.connected = True
-        self.reconnects += 1
+        self._on_reconnect()
         log.info("pub/sub reconnected; %d local channels re-read from Redis", len(self._wanted))
         for subscribers in self._wanted.values():
             for subscriber in subscribers:

@@ -85,8 +85,9 @@ def connect(url: str, *, timeout_s: float = 5.0, cluster: bool = False) -> Redis
     """A redis-py client for `redis://`, `rediss://` or `unix://` URLs.
 
     One retry on a connection error covers a connection that went stale (for
-    instance after a Redis restart); a timeout is not retried, since the
-    commands may have run.
+    instance after a Redis restart, or one a proxy closed while idle). The
+    commands of a batch whose reply was lost may so run twice: every script
+    the relay runs is idempotent for that reason. A timeout is not retried.
     """
     options: dict[str, Any] = {
         "decode_responses": True,
@@ -231,11 +232,36 @@ class RedisPump:
                 ):
                     results[i] = result
             return results
+        except (redis.DataError, UnicodeError, TypeError):
+            # redis-py could not encode some argument, and so sent nothing.
+            return self._without_unencodable(commands)
         except redis.RedisError as exc:
             # The whole batch failed at the connection level; redis-py already
             # dropped the connection, so the next batch starts on a fresh one.
             error = StorageUnavailable(f"Redis unavailable: {type(exc).__name__}")
             return [error] * len(commands)
+        except Exception as exc:  # a bug: fail this batch's callers, keep the pump alive
+            return [exc] * len(commands)
+
+    def _without_unencodable(self, commands: list[Command]) -> list[Any]:
+        """Fail the commands whose arguments cannot be encoded; run the others."""
+        encoder = self.client.get_encoder()
+        results: list[Any] = [None] * len(commands)
+        good: list[int] = []
+        for i, command in enumerate(commands):
+            try:
+                for arg in command.args:
+                    encoder.encode(arg)
+                good.append(i)
+            except (redis.DataError, UnicodeError, TypeError) as exc:
+                results[i] = exc
+        if len(good) == len(commands):  # nothing to isolate: do not loop
+            return [TypeError("a batch could not be encoded")] * len(commands)
+        for i, result in zip(
+            good, self._execute_blocking([commands[i] for i in good]), strict=True
+        ):
+            results[i] = result
+        return results
 
     def _pipeline(self, commands: list[Command]) -> list[Any]:
         with self.client.pipeline(transaction=False) as pipe:

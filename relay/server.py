@@ -10,26 +10,39 @@ Valkey.
 from __future__ import annotations
 
 import logging
+import signal
+import socket
 import ssl
+import time
+from functools import partial
+from typing import Any
 
 import attrs
+import redis
 import trio
 from trio_websocket import WebSocketRequest, WebSocketServer
 
-from relay import protocol
+from relay import PROTOCOL_VERSION, __version__, protocol
 from relay.auth import Verifier
 from relay.codes import CloseCode
 from relay.config import Config
 from relay.connection import handle_request
 from relay.embedded import EmbeddedServer
+from relay.errors import RelayError
 from relay.hub import Hub
-from relay.redis_checks import check_settings, read_settings
+from relay.limits import parse_networks
+from relay.metrics import Metrics
+from relay.ops import OpsEndpoints, serve_ops
+from relay.redis_checks import RedisSettings, check_settings, read_settings
 from relay.redis_pump import RedisPump, connect
 from relay.session import CLOSE_TIMEOUT_S, Services
 from relay.store_redis import Quota, RedisMailboxStore
 
 log = logging.getLogger(__name__)
 
+LISTEN_BACKLOG = 4096
+READINESS_TIMEOUT_S = 1.0
+SAMPLE_INTERVAL_S = 30.0
 RECEIVE_BUFFER_BYTES = 64 * 1024  # trio-websocket's 4 KiB default costs throughput
 MESSAGE_QUEUE_SIZE = 4
 
@@ -37,6 +50,7 @@ MESSAGE_QUEUE_SIZE = 4
 @attrs.define(eq=False)
 class RunningRelay:
     port: int
+    ops_port: int  # 0 when disabled
     redis_url: str
     services: Services
     _stop: trio.Event = attrs.field(factory=trio.Event)
@@ -81,24 +95,44 @@ async def serve_relay(
             allow_eviction=config.allow_eviction,
         ):
             log.warning("%s", warning)
-        pump = RedisPump(client)
+        metrics = Metrics(config.worker_id or 0)
+        pump = RedisPump(client, on_batch=metrics.observe_batch)
         store = RedisMailboxStore(
             pump,
             prefix=config.key_prefix,
             retention_s=config.retention_s,
             quota=Quota(config.max_mailbox_messages, config.max_mailbox_bytes),
         )
-        hub = Hub(client, lambda mailbox: store.keys(mailbox).channel)
+        hub = Hub(
+            client,
+            lambda mailbox: store.keys(mailbox).channel,
+            on_reconnect=metrics.hub_reconnects.inc,
+        )
         limits = protocol.Limits(
             max_body_bytes=config.max_body_bytes,
             max_recipients=config.max_recipients,
             retention_s=config.retention_s,
         )
-        services = Services(config=config, store=store, hub=hub, limits=limits)
+        services = Services(
+            config=config,
+            store=store,
+            hub=hub,
+            limits=limits,
+            metrics=metrics,
+            trusted_proxies=parse_networks(config.trusted_proxies),
+        )
         async with trio.open_nursery() as background:
             await background.start(pump.run)
             await background.start(hub.run)
-            await _serve_websockets(config, services, verifier, redis_url, task_status)
+            ops_port = 0
+            if config.ops_port:
+                endpoints = OpsEndpoints(
+                    metrics, partial(_readiness, services, pump), partial(_policy, config, settings)
+                )
+                port = config.ops_port + (config.worker_id or 0)
+                ops_port = await background.start(serve_ops, endpoints, config.host, port)
+            background.start_soon(_sample_oldest, store, metrics)
+            await _serve_websockets(config, services, verifier, redis_url, ops_port, task_status)
             background.cancel_scope.cancel()
     finally:
         client.close()
@@ -107,21 +141,48 @@ async def serve_relay(
             log.info("stopped embedded Valkey")
 
 
+async def serve_until_signal(config: Config) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            running: RunningRelay = await nursery.start(serve_relay, config)
+            async for _ in signals:
+                running.shutdown()
+                break
+
+
+async def open_listener(host: str, port: int, *, reuse_port: bool) -> trio.SocketListener:
+    """A TCP listener; with `reuse_port`, several processes share the port (SO_REUSEPORT)."""
+    ((family, kind, proto, _, address),) = (
+        await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    )[:1]
+    sock = trio.socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
 async def _serve_websockets(
     config: Config,
     services: Services,
     verifier: Verifier,
     redis_url: str,
+    ops_port: int,
     task_status: trio.TaskStatus[RunningRelay],
 ) -> None:
+    listener = await open_listener(config.host, config.port, reuse_port=config.workers > 1)
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]] = [listener]
     if config.tls_cert and config.tls_key:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(config.tls_cert, config.tls_key)
-        listeners: (
-            list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
-        ) = await trio.open_ssl_over_tcp_listeners(config.port, context, host=config.host)
-    else:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        listeners = [trio.SSLListener(listener, context, https_compatible=True)]
 
     async def handler(request: WebSocketRequest) -> None:
         await handle_request(request, services, verifier)
@@ -144,8 +205,9 @@ async def _serve_websockets(
                 await server.run(task_status=task_status)
 
         await connections.start(listen)
-        running = RunningRelay(server.port, redis_url, services)
-        log.info("relay listening on %s:%d", config.host, server.port)
+        port = listener.socket.getsockname()[1]
+        running = RunningRelay(port, ops_port, redis_url, services)
+        log.info("relay worker %d listening on %s:%d", config.worker_id or 0, config.host, port)
         task_status.started(running)
         await running._stop.wait()
 
@@ -155,3 +217,57 @@ async def _serve_websockets(
         for session in list(services.sessions):
             session.close(CloseCode.GOING_AWAY)
         connections.cancel_scope.deadline = trio.current_time() + config.drain_timeout_s
+
+
+async def _readiness(services: Services, pump: RedisPump) -> list[str]:
+    problems = []
+    if services.draining:
+        problems.append("shutting down")
+    if not services.hub.connected:
+        problems.append("Redis pub/sub disconnected")
+    with trio.move_on_after(READINESS_TIMEOUT_S):
+        try:
+            await pump.execute("PING")
+        except (redis.RedisError, RelayError):
+            problems.append("Redis unreachable")
+        return problems
+    problems.append("Redis did not answer PING in time")
+    return problems
+
+
+def _policy(config: Config, settings: RedisSettings) -> dict[str, Any]:
+    """The promise, as this deployment keeps it (served at /.well-known/relay-policy)."""
+    persistent = settings.save is None or settings.appendonly is None
+    if not persistent:
+        persistent = bool((settings.save or "").strip()) or settings.appendonly == "yes"
+    return {
+        "protocol": f"relay.v{PROTOCOL_VERSION}",
+        "version": __version__,
+        "retention_s": config.retention_s,
+        "max_ttl_s": config.retention_s,
+        "max_body_bytes": config.max_body_bytes,
+        "message_deleted_on": ["ack", "ttl"],
+        "redis": {
+            "persistence": "unverified"
+            if settings.save is None or settings.appendonly is None
+            else ("on (allowed by --allow-persistent-redis)" if persistent else "off"),
+            "maxmemory_policy": settings.maxmemory_policy or "unverified",
+        },
+        "bodies_logged": False,
+        "mailboxes_in_logs": "plain (debug logging)"
+        if config.log_level == "debug"
+        else "keyed hash",
+    }
+
+
+async def _sample_oldest(store: RedisMailboxStore, metrics: Metrics) -> None:
+    """Now and then, look at some mailboxes' oldest waiting message (metrics only)."""
+    cursor = 0
+    while True:
+        await trio.sleep(SAMPLE_INTERVAL_S)
+        try:
+            cursor, oldest_ms = await store.sample_oldest(cursor)
+        except (redis.RedisError, RelayError):
+            continue
+        age_s = 0.0 if oldest_ms is None else max(time.time() - oldest_ms / 1000, 0.0)
+        metrics.oldest_undelivered_age.set(age_s)

@@ -16,7 +16,7 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -26,9 +26,11 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from relay import protocol
 from relay.codes import CLOSE_REASONS, CloseCode, ErrorCode
 from relay.config import Config
-from relay.errors import BadFrame, ClientError, RelayError, StorageUnavailable
+from relay.errors import BadFrame, ClientError, RateLimited, RelayError, StorageUnavailable
 from relay.hub import Hub
+from relay.limits import FrameLimiter, Network
 from relay.logs import pseudonym
+from relay.metrics import Metrics
 from relay.store import MailboxStore, envelope_id
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,10 @@ class Services:
     store: MailboxStore
     hub: Hub
     limits: protocol.Limits
+    metrics: Metrics
+    trusted_proxies: tuple[Network, ...] = ()
     sessions: set[Session] = attrs.field(factory=set)
+    connections: Counter[str] = attrs.field(factory=Counter)  # open connections by client address
     draining: bool = False  # shutting down: new sessions are closed with 1001 at once
 
 
@@ -108,7 +113,8 @@ class Session:
             self._close_code = code
         self._cancel_scope.cancel()
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Serve the session to its end; return the close code (ours, or the client's)."""
         services = self._services
         services.sessions.add(self)
         if services.draining:
@@ -127,13 +133,18 @@ class Session:
             self._close_code = self._close_code or CloseCode.GOING_AWAY
         finally:
             services.sessions.discard(self)
+            client_closed = self.ws.closed
             with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
                 scope.shield = True
                 code = self._close_code or CloseCode.NORMAL
                 await self.ws.aclose(code, CLOSE_REASONS[code])
+        if self._close_code is None and client_closed is not None:
+            return client_closed.code
+        return code
 
     async def _serve(self) -> None:
         start = await self._services.store.start_session(self.mailbox, f"!r {self.id}")
+        self._services.metrics.expired.inc(start.expired)
         await self._send(
             protocol.encode_welcome(
                 self.mailbox,
@@ -178,14 +189,34 @@ class Session:
     # -- the loops --------------------------------------------------------
 
     async def _inbound(self) -> None:
+        config, metrics = self._config, self._services.metrics
+        limiter = FrameLimiter.create(
+            config.rate_limit_per_s, config.rate_burst, trio.current_time()
+        )
         while True:
             message = await self.ws.get_message()
             try:
                 if isinstance(message, bytes):
                     raise BadFrame("binary frames are reserved for a later protocol version")
-                await self._handle(protocol.parse_frame(message, self._services.limits))
+                frame = protocol.parse_frame(message, self._services.limits)
+                if not limiter.admit(trio.current_time()):
+                    if limiter.abusive:
+                        log.warning(
+                            "session %s kept sending over its rate limit; closing",
+                            pseudonym(self.mailbox),
+                        )
+                        self.close(CloseCode.POLICY)
+                        return
+                    raise RateLimited(
+                        f"more than {config.rate_limit_per_s:g} frames/s (burst {config.rate_burst})",
+                        ref=getattr(frame, "ref", None),
+                    )
+                await self._handle(frame)
             except ClientError as exc:
+                metrics.rejected.labels(exc.code.value).inc()
                 await self._send(protocol.encode_error(exc.code, exc.message, exc.ref))
+            except ConnectionClosed:
+                raise
             except Exception:
                 # A bug must not end the session, nor reach the client in detail.
                 log.exception("session %s: frame failed", pseudonym(self.mailbox))
@@ -197,11 +228,13 @@ class Session:
             accepted = await store.send(
                 self.mailbox, frame.to, frame.body, frame.ttl_s, frame.ref, now_ms()
             )
+            self._services.metrics.accepted.inc(len(accepted.ids))
             await self._send(
                 protocol.encode_accepted(frame.ref, accepted.ids, accepted.expires_at_ms)
             )
         elif isinstance(frame, protocol.AckFrame):
             count = await store.ack(self.mailbox, frame.ids)
+            self._services.metrics.acked.inc(count)
             for message_id in frame.ids:
                 if message_id in self._unacked:
                     self._unacked.remove(message_id)
@@ -237,6 +270,7 @@ class Session:
             if deliveries:
                 self._cursor = deliveries[-1][0]
                 self._unacked.update(message_id for _, message_id, _ in deliveries)
+                self._observe_delivery([seq for seq, _, _ in deliveries])
                 await self._send(
                     protocol.encode_deliver([envelope for _, _, envelope in deliveries])
                 )
@@ -252,6 +286,14 @@ class Session:
                 break
             slots += 1
         return slots
+
+    def _observe_delivery(self, seqs: list[int]) -> None:
+        """Sequences are the Redis clock in µs when the message was stored."""
+        metrics = self._services.metrics
+        metrics.delivered.inc(len(seqs))
+        now_us = time.time_ns() // 1000
+        for seq in seqs:
+            metrics.delivery_latency.observe(max(now_us - seq, 0) / 1e6)
 
     def _release(self, slots: int) -> None:
         for _ in range(slots):

@@ -16,6 +16,7 @@ from its key name without reading its body.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from importlib import resources
@@ -41,6 +42,11 @@ SEND, FETCH, ACK, START = (_load(n) for n in ("send", "fetch", "ack", "start"))
 
 def new_message_id(now_ms: int) -> str:
     return f"{now_ms:x}-{secrets.token_urlsafe(6)}"
+
+
+def glob_escape(text: str) -> str:
+    """`text` as a literal in a SCAN MATCH pattern."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
 
 def message_sent_ms(message_id: str) -> int | None:
@@ -206,6 +212,17 @@ class RedisMailboxStore:
             ACK, (keys.idx, keys.tally, *(keys.msg(i) for i in unique)), unique
         )
         return int(deleted)
+
+    async def sample_oldest(self, cursor: int, count: int = 1000) -> tuple[int, int | None]:
+        """One SCAN step over mailbox indexes: the next cursor, and the earliest send
+        time (ms) among the oldest waiting messages of the mailboxes seen."""
+        cursor, keys = await self.pump.execute(
+            "SCAN", cursor, "MATCH", glob_escape(self.prefix) + "*:idx", "COUNT", count
+        )
+        heads = await self.pump.execute_many([Command(("ZRANGE", key, 0, 0)) for key in keys])
+        sent = [message_sent_ms(h[0]) for h in heads if isinstance(h, list) and h]
+        known = [ms for ms in sent if ms is not None]
+        return int(cursor), min(known) if known else None
 
     async def _script(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:

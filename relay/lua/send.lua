@@ -2,6 +2,7 @@
 -- KEYS: idx, tally, msg, ref
 -- ARGV: id, envelope, ttl_ms, max_messages, max_bytes, channel,
 --       use_ref ('1' or '0'), ref record value, retention_ms
+-- Idempotent: a second run with the same id stores and publishes nothing more.
 -- Returns {0, seq} when stored, {1, ref record} when the ref was seen before
 -- (nothing stored), {-1, 'messages' | 'bytes', limit} when the mailbox is full.
 local idx, tally, msg, ref = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -13,6 +14,12 @@ if ARGV[7] == '1' then
   if prior then
     return {1, prior}
   end
+end
+
+-- Run again with the same id (a retry after a lost reply): it is stored already.
+local stored = redis.call('ZSCORE', idx, id)
+if stored then
+  return {0, stored}
 end
 
 local size = #envelope

@@ -1,0 +1,76 @@
+"""Prometheus metrics of one relay process. No mailbox id is ever a label value."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """All metrics, registered in a registry of their own (one per process)."""
+
+    def __init__(self, worker: int = 0) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("relay_worker_info", "This process's worker id", ["worker"], registry=r).labels(
+            str(worker)
+        ).set(1)
+        self.connections = Gauge("relay_connections", "Open WebSocket connections", registry=r)
+        self.connections_opened = Counter(
+            "relay_connections_opened", "WebSocket connections accepted", registry=r
+        )
+        self.connections_closed = Counter(
+            "relay_connections_closed",
+            "WebSocket connections closed, by close code",
+            ["code"],
+            registry=r,
+        )
+        self.handshakes_refused = Counter(
+            "relay_handshakes_refused",
+            "Handshakes refused before the upgrade, by HTTP status",
+            ["status"],
+            registry=r,
+        )
+        self.accepted = Counter("relay_messages_accepted", "Message copies stored", registry=r)
+        self.delivered = Counter(
+            "relay_messages_delivered", "Messages delivered to a session", registry=r
+        )
+        self.acked = Counter("relay_messages_acked", "Messages deleted by an ack", registry=r)
+        self.expired = Counter(
+            "relay_messages_expired_undelivered",
+            "Messages that expired before their ack (counted when their mailbox connects)",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "relay_requests_rejected", "Error frames sent, by error code", ["code"], registry=r
+        )
+        self.delivery_latency = Histogram(
+            "relay_delivery_latency_seconds",
+            "From storing a message to delivering it",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.redis_batch_size = Histogram(
+            "relay_redis_batch_commands",
+            "Commands per Redis pipeline",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.redis_batch_latency = Histogram(
+            "relay_redis_batch_seconds",
+            "Time to run one Redis pipeline",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.hub_reconnects = Counter("relay_hub_reconnects", "Pub/sub reconnects", registry=r)
+        self.oldest_undelivered_age = Gauge(
+            "relay_oldest_undelivered_age_seconds",
+            "Age of the oldest waiting message among the mailboxes sampled",
+            registry=r,
+        )
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.redis_batch_size.observe(size)
+        self.redis_batch_latency.observe(seconds)

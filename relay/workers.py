@@ -1,0 +1,127 @@
+"""`relay serve --workers N`: N relay processes sharing one port, under one supervisor.
+
+The supervisor starts the embedded Valkey (when no Redis URL is given) once
+for all, reserves the port, and runs each worker as `python -m relay.workers`
+with its configuration in the environment. Workers bind the port with
+SO_REUSEPORT, so the kernel spreads connections over them; worker i serves its
+ops endpoints on `ops_port + i`. A worker that dies is restarted; SIGTERM or
+SIGINT to the supervisor drains every worker (1001 to their sessions) and
+stops the embedded Valkey. Workers die with the supervisor (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from relay import logs
+from relay.config import Config
+from relay.embedded import EmbeddedServer, die_with_parent
+from relay.server import serve_until_signal
+
+log = logging.getLogger(__name__)
+
+CONFIG_ENV = "RELAY_WORKER_CONFIG"
+RESTART_DELAY_S = 1.0
+STOP_GRACE_S = 5.0
+
+
+def run_supervisor(config: Config) -> None:
+    """Run the workers until SIGTERM/SIGINT."""
+    embedded: EmbeddedServer | None = None
+    reservation = _reserve_port(config.host, config.port)
+    try:
+        if config.redis_url is None:
+            embedded = EmbeddedServer()
+            embedded.start()
+            log.info(
+                "started embedded Valkey (pid %d) for %d workers", embedded.pid, config.workers
+            )
+        shared = attrs.evolve(
+            config,
+            redis_url=config.redis_url or (embedded.url if embedded else None),
+            port=reservation.getsockname()[1],
+            log_key=config.log_key or os.urandom(16).hex(),
+        )
+        trio.run(_supervise, shared)
+    finally:
+        reservation.close()
+        if embedded is not None:
+            embedded.stop()
+            log.info("stopped embedded Valkey")
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) the port the workers will share, so port 0 picks one for all."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+async def _supervise(config: Config) -> None:
+    stopping = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            for worker_id in range(config.workers):
+                nursery.start_soon(
+                    _keep_running, attrs.evolve(config, worker_id=worker_id), stopping
+                )
+            log.info("supervising %d workers on %s:%d", config.workers, config.host, config.port)
+            async for _ in signals:
+                log.info("stopping: draining %d workers", config.workers)
+                stopping.set()
+                break
+
+
+async def _keep_running(config: Config, stopping: trio.Event) -> None:
+    while not stopping.is_set():
+        # Popen from this (the main) thread: the parent-death signal follows the forking thread.
+        process = subprocess.Popen(  # noqa: ASYNC220 - see above
+            [sys.executable, "-m", "relay.workers"],
+            env={**os.environ, CONFIG_ENV: orjson.dumps(attrs.asdict(config)).decode()},
+            preexec_fn=die_with_parent,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_when, stopping, process, config.drain_timeout_s + STOP_GRACE_S)
+            code = await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
+            nursery.cancel_scope.cancel()
+        if not stopping.is_set():
+            log.error("worker %s exited with %s; restarting", config.worker_id, code)
+            await trio.sleep(RESTART_DELAY_S)
+
+
+async def _stop_when(
+    stopping: trio.Event, process: subprocess.Popen[bytes], grace_s: float
+) -> None:
+    """On stop: SIGTERM (the worker drains), and SIGKILL if it is still there after the grace."""
+    await stopping.wait()
+    process.send_signal(signal.SIGTERM)
+    await trio.sleep(grace_s)
+    if process.poll() is None:
+        log.error("worker did not stop within %.0f s; killing it", grace_s)
+        process.kill()
+
+
+def run_worker() -> None:
+    """Entry point of one worker process (the supervisor sets its configuration)."""
+    values: dict[str, Any] = orjson.loads(os.environ[CONFIG_ENV])
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    config = Config(**fields)
+    logs.configure(config.log_level, config.log_format, config.log_key, config.worker_id)
+    trio.run(serve_until_signal, config)
+
+
+if __name__ == "__main__":
+    run_worker()
