@@ -144,12 +144,41 @@ def run_audit(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_VIOLATION
 
 
+def add_bench_command(subparsers: Subparsers) -> None:
+    """`relay bench`: the load benchmark (bench/). Its heavy imports wait until it runs."""
+    from bench.options import add_arguments
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="load-benchmark a relay, with self-checks (needs the `bench` extra)",
+        description="Run one benchmark workload against a relay (--url) or one it starts "
+        "(--spawn); exit 1 when a self-check fails. See bench/README.md.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    try:
+        from bench.cli import run
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("rich", "hdrh", "matplotlib"):
+            raise
+        print(
+            f"relay bench needs {exc.name}: pip install 'ephemeral-relay[bench]'", file=sys.stderr
+        )
+        return EXIT_USAGE
+    status: int = run(args)
+    return status
+
+
 COMMANDS = (
     add_serve_command,
     add_token_command,
     add_send_command,
     add_listen_command,
     add_audit_command,
+    add_bench_command,
 )
 
 

@@ -25,6 +25,7 @@ from relay.session import CLOSE_TIMEOUT_S, Services, Session
 log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "relay.v1"
+PATH = "/v1"
 
 
 class Refused(Exception):
@@ -43,36 +44,24 @@ def _header(request: WebSocketRequest, name: bytes) -> str | None:
 
 async def handle_request(request: WebSocketRequest, services: Services, verifier: Verifier) -> None:
     """Serve one connection to its end. Never raises: one client must not hurt the others."""
-    config, metrics = services.config, services.metrics
     try:
-        origins = config.allowed_origins
-        if origins and _header(request, b"origin") not in origins:
-            await _refuse(request, services, 403, b"origin not allowed\n")
-            return
-        if services.connections.total() >= config.max_connections:
-            await _refuse(request, services, 503, b"too many connections\n")
-            return
-        peer = (
-            request.remote.address if isinstance(request.remote, Endpoint) else str(request.remote)
-        )
-        address = client_address(
-            str(peer), _header(request, b"x-forwarded-for"), services.trusted_proxies
-        )
-        if services.connections[address] >= config.max_connections_per_ip:
-            await _refuse(request, services, 429, b"too many connections from this address\n")
-            return
-        offered = SUBPROTOCOL in request.proposed_subprotocols
-        ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
+        address = await _admit(request, services)
     except ConnectionClosed:
         return
     except Exception:
         log.exception("handshake failed")
         return
+    if address is None:
+        return
+    # Counted from before the upgrade, so handshakes arriving together cannot pass a cap together.
     services.connections[address] += 1
+    metrics = services.metrics
     metrics.connections.inc()
     metrics.connections_opened.inc()
     code: int = CloseCode.NORMAL
     try:
+        offered = SUBPROTOCOL in request.proposed_subprotocols
+        ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
         try:
             identity = await _authenticate(ws, request, services, verifier)
         except Refused as refused:
@@ -92,6 +81,27 @@ async def handle_request(request: WebSocketRequest, services: Services, verifier
             del services.connections[address]
         metrics.connections.dec()
         metrics.connections_closed.labels(str(code)).inc()
+
+
+async def _admit(request: WebSocketRequest, services: Services) -> str | None:
+    """The client's address when the handshake may proceed; None after refusing it over HTTP."""
+    config = services.config
+    if request.path.partition("?")[0] != PATH:
+        await _refuse(request, services, 404, b"the relay serves WebSockets at /v1\n")
+        return None
+    if config.allowed_origins and _header(request, b"origin") not in config.allowed_origins:
+        await _refuse(request, services, 403, b"origin not allowed\n")
+        return None
+    if services.connections.total() >= config.max_connections:
+        await _refuse(request, services, 503, b"too many connections\n")
+        return None
+    peer = request.remote.address if isinstance(request.remote, Endpoint) else request.remote
+    forwarded = _header(request, b"x-forwarded-for")
+    address = client_address(str(peer), forwarded, services.trusted_proxies)
+    if services.connections[address] >= config.max_connections_per_ip:
+        await _refuse(request, services, 429, b"too many connections from this address\n")
+        return None
+    return address
 
 
 async def _refuse(request: WebSocketRequest, services: Services, status: int, body: bytes) -> None:

@@ -111,6 +111,9 @@ class Hub:
             self._changed = trio.Event()
             wanted = set(self._wanted)
             add, remove = wanted - self._active, self._active - wanted
+            for channel in remove:
+                # Whoever subscribes to it from now on waits for a fresh confirmation.
+                self._confirmed.pop(channel, None)
             try:
                 if add:
                     await trio.to_thread.run_sync(self._pubsub.subscribe, *add)
@@ -122,9 +125,6 @@ class Hub:
                 self._changed.set()
                 continue
             self._active = wanted
-            for channel in remove:
-                if channel not in self._wanted:
-                    self._confirmed.pop(channel, None)
 
     async def _read_in_thread(self) -> None:
         await trio.to_thread.run_sync(self._reader, abandon_on_cancel=True)

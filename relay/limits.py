@@ -85,4 +85,6 @@ def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # what a dual-stack listener reports for an IPv4 client
     return any(ip in network for network in trusted)

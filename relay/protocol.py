@@ -35,6 +35,7 @@ class Limits:
 @attrs.frozen
 class AuthFrame:
     token: str = attrs.field(repr=False)  # never let a token reach a log line
+    ref: str | None = None  # echoed on an error, like any request's
 
 
 @attrs.frozen
@@ -104,7 +105,7 @@ def _parse_object(obj: dict[str, Any], limits: Limits) -> ClientFrame:
         token = obj.get("token")
         if not isinstance(token, str) or not token:
             raise BadFrame("field 'token' is missing or not a non-empty string")
-        return AuthFrame(token)
+        return AuthFrame(token, _parse_ref(obj))
     raise UnknownType(f"unknown frame type {_short(kind)}")
 
 

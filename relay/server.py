@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import redis
 import trio
-from trio_websocket import WebSocketRequest, WebSocketServer
+from trio_websocket import wrap_server_stream
 
 from relay import PROTOCOL_VERSION, __version__, protocol
 from relay.auth import Verifier
@@ -178,31 +178,23 @@ async def _serve_websockets(
     task_status: trio.TaskStatus[RunningRelay],
 ) -> None:
     listener = await open_listener(config.host, config.port, reuse_port=config.workers > 1)
-    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]] = [listener]
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = [listener]
     if config.tls_cert and config.tls_key:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(config.tls_cert, config.tls_key)
         listeners = [trio.SSLListener(listener, context, https_compatible=True)]
 
-    async def handler(request: WebSocketRequest) -> None:
-        await handle_request(request, services, verifier)
-
     async with trio.open_nursery() as connections:
-        server = WebSocketServer(
-            handler,
-            listeners,
-            handler_nursery=connections,
-            message_queue_size=MESSAGE_QUEUE_SIZE,
-            max_message_size=config.frame_limit_bytes,
-            receive_buffer_size=RECEIVE_BUFFER_BYTES,
-            connect_timeout=config.auth_timeout_s,
-            disconnect_timeout=CLOSE_TIMEOUT_S,
-        )
         listening = trio.CancelScope()
 
-        async def listen(*, task_status: trio.TaskStatus[WebSocketServer]) -> None:
+        async def listen(*, task_status: trio.TaskStatus[object]) -> None:
             with listening:
-                await server.run(task_status=task_status)
+                await trio.serve_listeners(
+                    partial(_serve_stream, services, verifier),
+                    listeners,
+                    handler_nursery=connections,
+                    task_status=task_status,
+                )
 
         await connections.start(listen)
         port = listener.socket.getsockname()[1]
@@ -217,6 +209,30 @@ async def _serve_websockets(
         for session in list(services.sessions):
             session.close(CloseCode.GOING_AWAY)
         connections.cancel_scope.deadline = trio.current_time() + config.drain_timeout_s
+
+
+async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc.Stream) -> None:
+    """One TCP connection: the WebSocket handshake within the auth timeout, then the
+    request handler; the stream is closed in every case (also after a refused handshake)."""
+    config = services.config
+    try:
+        async with trio.open_nursery() as reader:
+            request = None
+            with trio.move_on_after(config.auth_timeout_s):
+                request = await wrap_server_stream(
+                    reader,
+                    stream,
+                    MESSAGE_QUEUE_SIZE,
+                    config.frame_limit_bytes,
+                    RECEIVE_BUFFER_BYTES,
+                )
+            if request is not None:
+                await handle_request(request, services, verifier)
+            reader.cancel_scope.cancel()
+    finally:
+        with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+            scope.shield = True
+            await stream.aclose()
 
 
 async def _readiness(services: Services, pump: RedisPump) -> list[str]:

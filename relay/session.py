@@ -195,32 +195,35 @@ class Session:
         )
         while True:
             message = await self.ws.get_message()
+            frame: protocol.ClientFrame | None = None
+            admitted = limiter.admit(trio.current_time())  # every frame counts, good or bad
+            if not admitted and limiter.abusive:
+                log.warning(
+                    "session %s kept sending over its rate limit; closing", pseudonym(self.mailbox)
+                )
+                self.close(CloseCode.POLICY)
+                return
             try:
                 if isinstance(message, bytes):
                     raise BadFrame("binary frames are reserved for a later protocol version")
                 frame = protocol.parse_frame(message, self._services.limits)
-                if not limiter.admit(trio.current_time()):
-                    if limiter.abusive:
-                        log.warning(
-                            "session %s kept sending over its rate limit; closing",
-                            pseudonym(self.mailbox),
-                        )
-                        self.close(CloseCode.POLICY)
-                        return
+                if not admitted:
                     raise RateLimited(
-                        f"more than {config.rate_limit_per_s:g} frames/s (burst {config.rate_burst})",
-                        ref=getattr(frame, "ref", None),
+                        f"more than {config.rate_limit_per_s:g} frames/s (burst {config.rate_burst})"
                     )
                 await self._handle(frame)
             except ClientError as exc:
                 metrics.rejected.labels(exc.code.value).inc()
-                await self._send(protocol.encode_error(exc.code, exc.message, exc.ref))
+                ref = exc.ref if exc.ref is not None else getattr(frame, "ref", None)
+                await self._send(protocol.encode_error(exc.code, exc.message, ref))
             except ConnectionClosed:
                 raise
             except Exception:
                 # A bug must not end the session, nor reach the client in detail.
                 log.exception("session %s: frame failed", pseudonym(self.mailbox))
-                await self._send(protocol.encode_error(ErrorCode.INTERNAL, "internal error", None))
+                metrics.rejected.labels(ErrorCode.INTERNAL.value).inc()
+                ref = getattr(frame, "ref", None)
+                await self._send(protocol.encode_error(ErrorCode.INTERNAL, "internal error", ref))
 
     async def _handle(self, frame: protocol.ClientFrame) -> None:
         store = self._services.store

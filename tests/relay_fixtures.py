@@ -1,0 +1,218 @@
+"""Fixtures and helpers of the end-to-end tests: a real relay on port 0, tokens, raw WebSockets.
+
+Test modules load this file with `pytest_plugins = ["relay_fixtures"]` and
+import the plain helpers from it. Every relay runs in the test's nursery, on
+the test's Redis (`redis_url`) and key prefix, and is shut down (and waited
+for) at teardown.
+
+PYTEST_DONT_REWRITE: test modules import helpers from here before pytest
+registers it as a plugin; the marker keeps pytest from warning about that.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import jwt
+import orjson
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from relay.client import Message, RelayClient
+from relay.config import Config
+from relay.redis_pump import RedisClient
+from relay.server import RunningRelay, serve_relay
+
+SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"  # HS256 wants >= 32 bytes
+SUBPROTOCOL = "relay.v1"
+DEADLINE_S = 10.0  # the default deadline of one I/O step of a test
+TEARDOWN_S = 10.0
+
+RelayFactory = Callable[..., Awaitable[RunningRelay]]
+
+
+async def _serve(
+    config: Config, done: trio.Event, *, task_status: trio.TaskStatus[RunningRelay]
+) -> None:
+    try:
+        await serve_relay(config, task_status=task_status)
+    finally:
+        done.set()
+
+
+def relay_config(url: str, prefix: str, **fields: Any) -> Config:
+    """The Config of a test relay: port 0, no ops port, the test's Redis and prefix."""
+    values: dict[str, Any] = {
+        "port": 0,
+        "ops_port": 0,
+        "redis_url": url,
+        "key_prefix": prefix,
+        "jwt_secret": SECRET,
+        "drain_timeout_s": 2.0,
+    }
+    values.update(fields)
+    return Config(**values)
+
+
+@pytest.fixture
+async def make_relay(
+    nursery: trio.Nursery, redis_url: str, prefix: str
+) -> AsyncIterator[RelayFactory]:
+    """`await make_relay(max_inflight=5, ...)`: a relay with these Config fields changed."""
+    started: list[tuple[RunningRelay, trio.Event]] = []
+
+    async def make(**fields: Any) -> RunningRelay:
+        done = trio.Event()
+        running: RunningRelay = await nursery.start(
+            _serve, relay_config(redis_url, prefix, **fields), done
+        )
+        started.append((running, done))
+        return running
+
+    yield make
+    for running, _ in started:
+        running.shutdown()
+    with trio.fail_after(TEARDOWN_S):
+        for _, done in started:
+            await done.wait()
+
+
+@pytest.fixture
+async def relay(make_relay: RelayFactory) -> RunningRelay:
+    """A relay with the default Config (but port 0, the test's Redis and prefix)."""
+    return await make_relay()
+
+
+# -- tokens -------------------------------------------------------------------
+
+
+def token(mailbox: str, ttl_s: int = 3600) -> str:
+    """A valid HS256 token for `mailbox`."""
+    now = int(time.time())
+    return jwt.encode({"sub": mailbox, "iat": now, "exp": now + ttl_s}, SECRET, algorithm="HS256")
+
+
+def signed_token(claims: dict[str, Any], key: str = SECRET) -> str:
+    """An HS256 token with exactly these claims."""
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+def unsigned_token(claims: dict[str, Any]) -> str:
+    """A token with `alg: none` and an empty signature (RFC 7519 section 6)."""
+
+    def part(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(orjson.dumps(obj)).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+
+
+def valid_claims(mailbox: str, ttl_s: int = 3600) -> dict[str, Any]:
+    now = int(time.time())
+    return {"sub": mailbox, "iat": now, "exp": now + ttl_s}
+
+
+# -- raw WebSockets -------------------------------------------------------------
+
+
+@asynccontextmanager
+async def raw_ws(
+    url: str,
+    *,
+    bearer: str | None = None,
+    subprotocols: Sequence[str] | None = None,
+    origin: str | None = None,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    message_queue_size: int = 1,
+) -> AsyncIterator[WebSocketConnection]:
+    """A plain WebSocket to the relay; authenticates by header when `bearer` is given."""
+    extra = list(headers)
+    if bearer is not None:
+        extra.append((b"Authorization", f"Bearer {bearer}".encode()))
+    if origin is not None:
+        extra.append((b"Origin", origin.encode()))
+    async with open_websocket_url(
+        url,
+        subprotocols=list(subprotocols) if subprotocols is not None else None,
+        extra_headers=extra,
+        message_queue_size=message_queue_size,
+        max_message_size=16 * 1024 * 1024,
+    ) as ws:
+        yield ws
+
+
+@asynccontextmanager
+async def raw_session(
+    url: str, mailbox: str
+) -> AsyncIterator[tuple[WebSocketConnection, dict[str, Any]]]:
+    """A raw WebSocket authenticated as `mailbox`, with its welcome frame read."""
+    async with raw_ws(url, bearer=token(mailbox)) as ws:
+        welcome = await recv(ws)
+        assert welcome["type"] == "welcome", welcome
+        yield ws, welcome
+
+
+async def send_json(ws: WebSocketConnection, obj: object) -> None:
+    await ws.send_message(orjson.dumps(obj).decode())
+
+
+async def recv(ws: WebSocketConnection) -> dict[str, Any]:
+    frame: dict[str, Any] = orjson.loads(await ws.get_message())
+    return frame
+
+
+async def answer(ws: WebSocketConnection) -> dict[str, Any]:
+    """The next frame that is not a `deliver` (an accepted, acked or error answer)."""
+    while True:
+        frame = await recv(ws)
+        if frame["type"] != "deliver":
+            return frame
+
+
+async def request(ws: WebSocketConnection, obj: object) -> dict[str, Any]:
+    """Send one frame and return its answer."""
+    await send_json(ws, obj)
+    return await answer(ws)
+
+
+async def close_code(ws: WebSocketConnection) -> int | None:
+    """Read (and drop) frames until the relay closes the connection; its close code."""
+    try:
+        while True:
+            await ws.get_message()
+    except ConnectionClosed as closed:
+        return closed.reason.code if closed.reason is not None else None
+
+
+async def receive_n(client: RelayClient, n: int) -> list[Message]:
+    return [await client.receive() for _ in range(n)]
+
+
+async def receive_until(client: RelayClient, body: str) -> list[Message]:
+    """Messages up to and including the first whose body is `body` (a marker)."""
+    got: list[Message] = []
+    while not got or got[-1].body != body:
+        got.append(await client.receive())
+    return got
+
+
+async def poll_until(condition: Callable[[], bool], interval_s: float = 0.05) -> None:
+    """Wait until `condition()` holds, checking every `interval_s`; for state no frame
+    announces (a Redis TTL running out, a subprocess coming up). Callers set the deadline."""
+    while True:
+        if condition():
+            return
+        await trio.sleep(interval_s)
+
+
+def keys_under(redis_client: RedisClient, prefix: str) -> list[str]:
+    """Every Redis key under `prefix`, sorted (SCAN, not KEYS)."""
+    return sorted(redis_client.scan_iter(match=prefix + "*", count=1000))
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
