@@ -1,0 +1,169 @@
+"""The options of one `relay bench` run: flags, with defaults that depend on the workload."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import attrs
+
+WORKLOADS = ("throughput", "latency", "roundtrip", "drain", "burst", "idle", "retention")
+
+# Defaults per workload; a flag given on the command line wins.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "throughput": {"pairs": 50, "messages": 1000},
+    "burst": {"pairs": 50, "messages": 1000},
+    "latency": {"pairs": 20, "messages": 500, "rate": 2000.0},
+    "roundtrip": {"pairs": 1, "messages": 2000},
+    "drain": {"pairs": 50, "messages": 1000},
+    "retention": {"pairs": 10, "messages": 200},
+    "idle": {"connections": 1000},
+}
+COMMON = {
+    "pairs": 10,
+    "window": 8,
+    "messages": 1000,
+    "rate": 2000.0,
+    "body_bytes": 100,
+    "connections": 1000,
+    "procs": 1,
+}
+
+
+@attrs.frozen
+class BenchOptions:
+    workload: str
+    url: str | None
+    jwt_secret: str | None
+    spawn: bool
+    pairs: int
+    window: int
+    messages: int
+    rate: float
+    body_bytes: int
+    connections: int
+    procs: int
+    relay_cpu: str | None
+    client_cpu: str | None
+    out: str
+    redis_url: str | None = None  # --url mode: lets the bench inspect Redis
+    key_prefix: str = "relay:"
+    relay_pid: int | None = None  # --url mode: lets the bench read the relay's CPU and memory
+    metrics_url: str | None = None  # --url mode: the relay's Prometheus /metrics
+    profile: bool = False  # sample the relay with py-spy
+    warmup: int | None = None  # messages per pair before measuring (None: per workload)
+    retention_s: int = 3  # --spawn: the relay's retention in the retention workload
+    hold_s: float = 10.0  # idle: how long connections are held
+    ping_interval_s: float = 2.0  # --spawn: the relay's keepalive ping interval
+    stall_s: float = 15.0  # a phase with no progress for this long has lost messages
+    timeout_s: float = 600.0  # the whole run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("workload", choices=WORKLOADS, help="what to measure")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running relay, ws://HOST:PORT/v1")
+    where.add_argument(
+        "--spawn", action="store_true", help="start a relay and a Valkey, and stop them at the end"
+    )
+    parser.add_argument(
+        "--jwt-secret",
+        default=os.environ.get("RELAY_JWT_SECRET"),
+        help="HS256 secret of the relay given by --url (env RELAY_JWT_SECRET)",
+    )
+    add = parser.add_argument
+    add("--pairs", type=int, help="sender/recipient pairs")
+    add("--window", type=int, help="sends per sender not yet accepted (default 8)")
+    add("--messages", type=int, help="messages per pair")
+    add("--rate", type=float, help="latency: offered msgs/s over all pairs (default 2000)")
+    add("--body-bytes", type=int, help="message body size (default 100)")
+    add("--connections", type=int, help="idle: connections to hold (default 1000)")
+    add("--procs", type=int, help="load generator processes (default 1)")
+    add("--relay-cpu", help="--spawn: taskset CPU list of the relay, e.g. 0")
+    add("--client-cpu", help="taskset CPU list of the generator (and the spawned Valkey), e.g. 1")
+    add("--out", default="bench/results", help="directory of the JSON, Markdown and PNG results")
+    add("--redis-url", help="--url mode: the relay's Redis, for key, TTL and command checks")
+    add("--key-prefix", default="relay:", help="--url mode: the relay's Redis key prefix")
+    add("--relay-pid", type=int, help="--url mode: the relay's PID, for its CPU and memory")
+    add(
+        "--metrics-url", help="--url mode: the relay's /metrics, e.g. http://127.0.0.1:9090/metrics"
+    )
+    add("--warmup", type=int, help="messages per pair sent before measuring")
+    add("--profile", action="store_true", help="sample the relay with py-spy while it runs")
+    add("--retention", type=int, default=3, help="retention: the spawned relay's retention, s")
+    add("--hold", type=float, default=10.0, help="idle: seconds to hold the connections")
+    add("--stall", type=float, default=15.0, help="seconds without progress before giving up")
+    add("--timeout", type=float, default=600.0, help="limit of the whole run, s")
+
+
+def from_args(args: argparse.Namespace) -> BenchOptions:
+    """The options of a run; raises ValueError for a bad combination."""
+    chosen = {**COMMON, **DEFAULTS.get(args.workload, {})}
+    for name in COMMON:
+        value = getattr(args, name, None)
+        if value is not None:
+            chosen[name] = value
+    if args.workload == "roundtrip":
+        chosen["pairs"], chosen["procs"] = 1, 1
+    options = BenchOptions(
+        workload=args.workload,
+        url=args.url,
+        jwt_secret=args.jwt_secret,
+        spawn=bool(args.spawn),
+        relay_cpu=args.relay_cpu,
+        client_cpu=args.client_cpu,
+        out=args.out,
+        redis_url=args.redis_url,
+        key_prefix=args.key_prefix,
+        relay_pid=args.relay_pid,
+        metrics_url=args.metrics_url,
+        warmup=args.warmup,
+        profile=args.profile,
+        retention_s=args.retention,
+        hold_s=args.hold,
+        stall_s=args.stall,
+        timeout_s=args.timeout,
+        **chosen,
+    )
+    _validate(options)
+    return options
+
+
+def _validate(o: BenchOptions) -> None:
+    if not o.spawn and not o.jwt_secret:
+        raise ValueError("--url needs --jwt-secret (or RELAY_JWT_SECRET)")
+    if o.spawn and (o.redis_url or o.relay_pid or o.metrics_url):
+        raise ValueError(
+            "--redis-url, --relay-pid and --metrics-url go with --url; --spawn knows its own"
+        )
+    if o.profile and not (o.spawn or o.relay_pid):
+        raise ValueError("--profile needs the relay's PID: use --spawn or --relay-pid")
+    if o.relay_cpu and not o.spawn:
+        raise ValueError("--relay-cpu pins a relay the bench starts: use it with --spawn")
+    for name in ("pairs", "window", "messages", "connections", "procs"):
+        if getattr(o, name) < 1:
+            raise ValueError(f"--{name} must be at least 1")
+    if o.rate <= 0 or o.hold_s <= 0 or o.stall_s <= 0 or o.timeout_s <= 0:
+        raise ValueError("--rate, --hold, --stall and --timeout must be positive")
+    if o.body_bytes < 40:
+        raise ValueError(
+            "--body-bytes must be at least 40 (the body carries a sequence and a time)"
+        )
+    if o.retention_s < 1:
+        raise ValueError("--retention must be at least 1 s")
+    units = o.connections if o.workload == "idle" else o.pairs
+    if o.procs > units:
+        raise ValueError(
+            f"--procs {o.procs} is more than the {units} pairs or connections to split"
+        )
+    if o.workload in ("drain", "retention") and o.messages > 10_000:
+        raise ValueError("drain and retention keep --messages in one mailbox: at most 10000")
+
+
+def warmup_messages(o: BenchOptions) -> int:
+    if o.warmup is not None:
+        return o.warmup
+    return {"throughput": min(100, o.messages // 5), "burst": min(100, o.messages // 5)}.get(
+        o.workload, 20
+    )
