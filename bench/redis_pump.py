@@ -70,7 +70,8 @@ async def bench_thread_per_command(client: RedisClient, work: list[list[tuple[st
 
     async def run(command: tuple[str, ...]) -> object:
         return await trio.to_thread.run_sync(
-            lambda: client.execute_command(*command), limiter=limiter
+            lambda: client.execute_command(*command),  # type: ignore[no-untyped-call]
+            limiter=limiter,
         )
 
     return await _run_tasks(work, run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import trio
@@ -18,7 +18,10 @@ from relay.embedded import EmbeddedServer, valkey_binary
 from relay.redis_pump import RedisClient, RedisPump, connect
 from relay.store_redis import RedisMailboxStore
 
-SERVERS = {"valkey": valkey_binary, "redis": lambda: shutil.which("redis-server")}
+SERVERS: dict[str, Callable[[], str | None]] = {
+    "valkey": valkey_binary,
+    "redis": lambda: shutil.which("redis-server"),
+}
 _prefixes = itertools.count()
 
 

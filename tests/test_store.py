@@ -494,7 +494,8 @@ async def test_send_script_run_twice_stores_one_message(
     """The pump may run a batch again after a lost reply; a re-run send stores nothing more."""
     keys = store.keys("bob")
     message_id = new_message_id(now_ms())
-    args = (message_id, f'{{"id":"{message_id}","body":"x"}}', 60_000, 10, 10_000, keys.channel)
+    args: tuple[object, ...] = (message_id, f'{{"id":"{message_id}","body":"x"}}', 60_000, 10)
+    args += (10_000, keys.channel)
     args += ("0", "", 3_600_000)
     script_keys = (keys.idx, keys.tally, keys.msg(message_id), keys.base + "ref:-")
     with trio.fail_after(DEADLINE_S):

@@ -1,0 +1,166 @@
+"""Pure tests of relay/limits.py: the frame token bucket, the abuse rule, and the client
+address behind trusted proxies. Time is passed in as plain numbers."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from relay.limits import FrameLimiter, TokenBucket, client_address, parse_networks
+
+# -- TokenBucket --------------------------------------------------------------
+
+
+def test_token_bucket_starts_full_and_allows_exactly_its_burst() -> None:
+    bucket = TokenBucket(rate_per_s=10, burst=5, tokens=5, updated_s=0)
+    assert [bucket.take(0) for _ in range(5)] == [True] * 5
+    assert bucket.take(0) is False
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    bucket = TokenBucket(rate_per_s=2, burst=4, tokens=0, updated_s=100)
+    assert bucket.take(100) is False
+    assert bucket.take(100.25) is False  # half a token
+    assert bucket.take(100.5) is True  # one token after 0.5 s at 2/s
+    assert bucket.take(100.5) is False
+    assert [bucket.take(101.5) for _ in range(3)] == [True, True, False]  # 2 more after 1 s
+
+
+def test_token_bucket_partial_tokens_add_up() -> None:
+    bucket = TokenBucket(rate_per_s=1, burst=10, tokens=0, updated_s=0)
+    assert bucket.take(0.5) is False
+    assert bucket.take(1) is True  # the half token of the first call was kept
+
+
+def test_token_bucket_never_saves_more_than_its_burst() -> None:
+    bucket = TokenBucket(rate_per_s=100, burst=3, tokens=0, updated_s=0)
+    assert [bucket.take(3600) for _ in range(4)] == [True, True, True, False]
+
+
+def test_token_bucket_time_going_backwards_adds_nothing() -> None:
+    bucket = TokenBucket(rate_per_s=2, burst=10, tokens=0, updated_s=10)
+    assert bucket.take(5) is False
+    assert bucket.updated_s == 10  # the earlier time did not move the clock back
+    assert bucket.take(10.25) is False  # only 0.5 token since 10, not since 5
+    assert bucket.take(10.5) is True
+
+
+# -- FrameLimiter ---------------------------------------------------------------
+
+
+def test_frame_limiter_admits_the_burst_at_once_then_refuses() -> None:
+    limiter = FrameLimiter.create(rate_per_s=20, burst=10, now_s=0)
+    assert [limiter.admit(0) for _ in range(10)] == [True] * 10
+    assert limiter.admit(0) is False
+    assert not limiter.abusive
+
+
+def test_frame_limiter_sending_at_the_rate_is_never_refused() -> None:
+    limiter = FrameLimiter.create(rate_per_s=4, burst=1, now_s=0)
+    assert all(limiter.admit(i / 4) for i in range(1000))  # exactly 4 frames a second
+    assert limiter.strikes == 0
+    assert not limiter.abusive
+
+
+def test_frame_limiter_flood_becomes_abusive_after_more_than_burst_refusals() -> None:
+    limiter = FrameLimiter.create(rate_per_s=20, burst=10, now_s=0)
+    for _ in range(10):
+        assert limiter.admit(0)
+    for refused in range(1, 11):
+        assert limiter.admit(0) is False
+        assert not limiter.abusive, f"abusive after only {refused} refusals"
+    assert limiter.admit(0) is False
+    assert limiter.abusive  # 11 strikes > burst 10
+
+
+def test_frame_limiter_strikes_drain_at_the_allowed_rate() -> None:
+    limiter = FrameLimiter.create(rate_per_s=20, burst=10, now_s=0)
+    for _ in range(10):
+        limiter.admit(0)
+    for _ in range(10):
+        assert limiter.admit(0) is False  # 10 strikes
+    # 0.25 s later: 5 tokens back, and 5 strikes drained.
+    assert [limiter.admit(0.25) for _ in range(5)] == [True] * 5
+    assert limiter.admit(0.25) is False
+    assert limiter.strikes == pytest.approx(6)
+    assert not limiter.abusive
+
+
+def test_frame_limiter_twice_the_rate_is_refused_in_part_but_not_abusive() -> None:
+    limiter = FrameLimiter.create(rate_per_s=2, burst=4, now_s=0)
+    admitted = [limiter.admit(i / 4) for i in range(2000)]  # 4 frames/s against 2/s
+    assert not limiter.abusive
+    assert sum(admitted) == pytest.approx(1000, abs=5)  # about the allowed rate gets through
+
+
+def test_frame_limiter_sustained_flood_at_four_times_the_rate_becomes_abusive() -> None:
+    limiter = FrameLimiter.create(rate_per_s=2, burst=4, now_s=0)
+    for i in range(200):
+        limiter.admit(i / 8)  # 8 frames/s against 2/s
+        if limiter.abusive:
+            break
+    else:
+        pytest.fail("a sustained flood at 4x the rate never became abusive")
+    assert i >= 4  # not before the burst was spent
+
+
+# -- client_address -------------------------------------------------------------
+
+PROXIES = parse_networks(["10.0.0.0/8", "127.0.0.1/32"])
+
+
+def test_client_address_is_the_peer_without_forwarded_for() -> None:
+    assert client_address("10.1.2.3", None, PROXIES) == "10.1.2.3"
+
+
+def test_client_address_ignores_forwarded_for_from_an_untrusted_peer() -> None:
+    assert client_address("198.51.100.7", "203.0.113.9", PROXIES) == "198.51.100.7"
+    assert client_address("198.51.100.7", "203.0.113.9", ()) == "198.51.100.7"
+
+
+def test_client_address_from_a_trusted_proxy_is_the_forwarded_one() -> None:
+    assert client_address("127.0.0.1", "203.0.113.9", PROXIES) == "203.0.113.9"
+
+
+def test_client_address_is_the_rightmost_untrusted_hop() -> None:
+    # The client may prepend anything; the hop our own proxy appended is the last one.
+    spoofed = "1.2.3.4, 203.0.113.9, 10.0.0.2, 10.0.0.1"
+    assert client_address("10.0.0.5", spoofed, PROXIES) == "203.0.113.9"
+
+
+def test_client_address_is_the_peer_when_every_hop_is_a_trusted_proxy() -> None:
+    assert client_address("10.0.0.5", "10.0.0.2, 127.0.0.1", PROXIES) == "10.0.0.5"
+
+
+def test_client_address_skips_empty_hops_and_spaces() -> None:
+    assert client_address("10.0.0.5", " , 203.0.113.9 ,  ,", PROXIES) == "203.0.113.9"
+    assert client_address("10.0.0.5", "", PROXIES) == "10.0.0.5"
+
+
+def test_client_address_of_a_peer_that_is_no_ip_is_the_peer() -> None:
+    assert client_address("not-an-ip", "203.0.113.9", PROXIES) == "not-an-ip"
+
+
+def test_client_address_ipv6_proxy_and_client() -> None:
+    proxies = parse_networks(["::1/128", "fd00::/8"])
+    assert client_address("::1", "2001:db8::7, fd00::2", proxies) == "2001:db8::7"
+    assert client_address("2001:db8::1", "2001:db8::7", proxies) == "2001:db8::1"
+
+
+def test_client_address_trusts_an_ipv4_mapped_ipv6_peer_of_a_trusted_ipv4_network() -> None:
+    """A dual-stack listener on '::' reports an IPv4 proxy as ::ffff:a.b.c.d."""
+    assert client_address("::ffff:10.0.0.5", "203.0.113.9", PROXIES) == "203.0.113.9"
+
+
+def test_parse_networks_accepts_host_bits_and_single_addresses() -> None:
+    assert parse_networks(["10.1.2.3/8", "127.0.0.1", "::1"]) == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+def test_parse_networks_refuses_garbage() -> None:
+    with pytest.raises(ValueError):
+        parse_networks(["10.0.0.0/33"])
