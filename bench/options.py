@@ -8,6 +8,8 @@ from typing import Any
 
 import attrs
 
+from relay.auth import HS256_MIN_SECRET_BYTES
+
 WORKLOADS = ("throughput", "latency", "roundtrip", "drain", "burst", "idle", "retention")
 
 # Defaults per workload; a flag given on the command line wins.
@@ -55,7 +57,7 @@ class BenchOptions:
     warmup: int | None = None  # messages per pair before measuring (None: per workload)
     retention_s: int = 3  # --spawn: the relay's retention in the retention workload
     hold_s: float = 10.0  # idle: how long connections are held
-    ping_interval_s: float = 2.0  # --spawn: the relay's keepalive ping interval
+    ping_interval_s: float = 5.0  # idle, --spawn: the relay's keepalive ping interval
     stall_s: float = 15.0  # a phase with no progress for this long has lost messages
     timeout_s: float = 600.0  # the whole run
 
@@ -93,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--profile", action="store_true", help="sample the relay with py-spy while it runs")
     add("--retention", type=int, default=3, help="retention: the spawned relay's retention, s")
     add("--hold", type=float, default=10.0, help="idle: seconds to hold the connections")
+    add(
+        "--ping-interval",
+        type=float,
+        default=5.0,
+        help="idle, --spawn: the relay's keepalive ping interval, s (its default is 20)",
+    )
     add("--stall", type=float, default=15.0, help="seconds without progress before giving up")
     add("--timeout", type=float, default=600.0, help="limit of the whole run, s")
 
@@ -122,6 +130,7 @@ def from_args(args: argparse.Namespace) -> BenchOptions:
         profile=args.profile,
         retention_s=args.retention,
         hold_s=args.hold,
+        ping_interval_s=args.ping_interval,
         stall_s=args.stall,
         timeout_s=args.timeout,
         **chosen,
@@ -133,6 +142,8 @@ def from_args(args: argparse.Namespace) -> BenchOptions:
 def _validate(o: BenchOptions) -> None:
     if not o.spawn and not o.jwt_secret:
         raise ValueError("--url needs --jwt-secret (or RELAY_JWT_SECRET)")
+    if not o.spawn and len((o.jwt_secret or "").encode()) < HS256_MIN_SECRET_BYTES:
+        raise ValueError(f"--jwt-secret must be at least {HS256_MIN_SECRET_BYTES} bytes (HS256)")
     if o.spawn and (o.redis_url or o.relay_pid or o.metrics_url):
         raise ValueError(
             "--redis-url, --relay-pid and --metrics-url go with --url; --spawn knows its own"
@@ -144,8 +155,8 @@ def _validate(o: BenchOptions) -> None:
     for name in ("pairs", "window", "messages", "connections", "procs"):
         if getattr(o, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
-    if o.rate <= 0 or o.hold_s <= 0 or o.stall_s <= 0 or o.timeout_s <= 0:
-        raise ValueError("--rate, --hold, --stall and --timeout must be positive")
+    if min(o.rate, o.hold_s, o.stall_s, o.timeout_s, o.ping_interval_s) <= 0:
+        raise ValueError("--rate, --hold, --ping-interval, --stall and --timeout must be positive")
     if o.body_bytes < 40:
         raise ValueError(
             "--body-bytes must be at least 40 (the body carries a sequence and a time)"

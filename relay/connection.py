@@ -136,5 +136,5 @@ def _verify(verifier: Verifier, token: str) -> Identity:
     try:
         return verifier.verify(token, time.time())
     except AuthError as exc:
-        log.info("authentication refused: %s", getattr(exc, "reason", "invalid token"))
+        log.warning("authentication refused: %s", getattr(exc, "reason", "invalid token"))
         raise Refused(CloseCode.UNAUTHORIZED) from None

@@ -216,7 +216,7 @@ async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc
     request handler; the stream is closed in every case (also after a refused handshake)."""
     config = services.config
     try:
-        async with trio.open_nursery() as reader:
+        async with trio.open_nursery() as reader:  # trio-websocket's reader task runs here
             request = None
             with trio.move_on_after(config.auth_timeout_s):
                 request = await wrap_server_stream(
@@ -229,6 +229,10 @@ async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc
             if request is not None:
                 await handle_request(request, services, verifier)
             reader.cancel_scope.cancel()
+    except Exception:
+        # Never let one connection take the server down; trio-websocket's reader task
+        # can fail on a peer's misbehaviour (e.g. a ping while we are closing).
+        log.warning("connection ended by an error", exc_info=True)
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
             scope.shield = True

@@ -968,3 +968,31 @@ async def test_send_over_the_rate_limit_is_rate_limited_with_ref(make_relay: Rel
                 "rate_limited",
                 "ack-over",
             )
+
+
+async def test_peer_pinging_while_refused_does_not_take_the_server_down(
+    relay: RunningRelay,
+) -> None:
+    """A client whose token is refused floods pings while the relay closes with 4401:
+    the pong the library cannot send any more must end that connection only."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import Ping, Request
+
+    with trio.fail_after(DEADLINE_S):
+        for _ in range(3):
+            stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+            ws = WSConnection(ConnectionType.CLIENT)
+            headers = [(b"authorization", b"Bearer not-a-token")]
+            await stream.send_all(
+                ws.send(Request(host="127.0.0.1", target="/v1", extra_headers=headers))
+            )
+            ws.receive_data(await stream.receive_some(65536))
+            try:
+                await stream.send_all(b"".join(ws.send(Ping(b"x")) for _ in range(200)))
+                while await stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+            await stream.aclose()
+        async with open_relay(relay.url, token("after-the-pings")) as client:
+            assert client.welcome["mailbox"] == "after-the-pings"

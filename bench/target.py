@@ -1,0 +1,189 @@
+"""The relay under test: one given by --url, or one the bench starts (--spawn) and stops.
+
+With --spawn the bench starts a private Valkey (relay.embedded, on a unix
+socket, so it can count Redis commands and check keys) and then the relay as
+a real process, `python -m relay serve`, pinned with `taskset -c` when asked.
+Both are stopped by PID at the end: SIGTERM, a wait, then SIGKILL. Both also
+get SIGTERM if the bench itself dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from types import TracebackType
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError
+
+from bench import wire
+from relay.embedded import EmbeddedServer, free_loopback_port
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 15.0
+
+
+class TargetError(Exception):
+    """The relay could not be started or reached."""
+
+
+@attrs.define
+class Target:
+    url: str
+    secret: str
+    redis_url: str | None
+    key_prefix: str
+    relay_pid: int | None
+    spawned: bool
+    metrics_url: str | None = None  # the relay's Prometheus /metrics
+    welcome: dict[str, Any] = attrs.field(factory=dict)
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class SpawnedRelay:
+    """A relay process on a private Valkey; a context manager that always cleans up."""
+
+    def __init__(self, relay_cpu: str | None, extra_args: list[str]) -> None:
+        self.relay_cpu = relay_cpu
+        self.extra_args = extra_args
+        self.secret = secrets.token_urlsafe(32)
+        self.valkey = EmbeddedServer()
+        self.port = 0
+        self.ops_port = 0
+        self._dir = tempfile.mkdtemp(prefix="relay-bench-")
+        self._log_path = os.path.join(self._dir, "relay.log")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ops_port}/metrics"
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def __enter__(self) -> SpawnedRelay:
+        try:
+            self.valkey.start()
+            self._start_relay()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _start_relay(self) -> None:
+        self.port, self.ops_port = free_loopback_port(), free_loopback_port()
+        command = [sys.executable, "-m", "relay", "serve", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--ops-port", str(self.ops_port)]
+        command += ["--log-level", "warning"]
+        command += ["--redis-url", self.valkey.url, *self.extra_args]
+        if self.relay_cpu:
+            if shutil.which("taskset") is None:
+                raise TargetError("--relay-cpu needs taskset (util-linux)")
+            command = ["taskset", "-c", self.relay_cpu, *command]
+        env = {
+            **os.environ,
+            "RELAY_JWT_SECRET": self.secret,
+        }  # not on the command line: ps shows it
+        with open(self._log_path, "wb") as log:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                preexec_fn=_die_with_parent,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the bench only
+            )
+        self._wait_listening()
+
+    def _wait_listening(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self._process.poll() is not None:
+                raise TargetError(
+                    f"relay exited with {self._process.returncode} on start:\n{self.log_tail()}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TargetError(f"relay did not listen within {START_TIMEOUT_S} s")
+            time.sleep(0.05)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self._log_path, errors="replace") as file:
+                return "".join(file.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop the relay by its PID, then the Valkey, then remove the private directory."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(STOP_TIMEOUT_S)
+        self.valkey.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+async def _probe(url: str, secret: str, box: str) -> dict[str, Any]:
+    async with trio.open_nursery() as nursery:
+        conn = await wire.connect(nursery, url, secret, box)
+        await conn.ws.aclose()
+    return conn.welcome
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def probe(url: str, secret: str, box: str) -> dict[str, Any]:
+    """Connect once and return the relay's welcome, or raise TargetError saying why not."""
+    try:
+        return trio.run(_probe, url, secret, box)
+    except Exception as group:
+        exc = first_leaf(group)
+        if isinstance(exc, ConnectionClosed):
+            code = exc.reason.code if exc.reason else None
+            hint = " (wrong --jwt-secret?)" if code == 4401 else ""
+            raise TargetError(f"{url} closed the connection with {code}{hint}") from None
+        if isinstance(exc, OSError | HandshakeError | trio.TooSlowError | wire.Unexpected):
+            raise TargetError(
+                f"cannot reach a relay at {url}: {type(exc).__name__}: {exc}"
+            ) from None
+        raise
