@@ -3,7 +3,8 @@
 50 concurrent Trio tasks each run `SET key value EX 60` until the total is
 reached, against a private embedded Valkey on a unix socket. Three ways:
 
-- `pump`: relay.redis_pump.RedisPump (what the relay uses);
+- `pump`: relay.redis_pump.RedisPump (what the relay uses: batches on one
+  Trio-native connection, hiredis packing and parsing);
 - `thread_per_command`: one `trio.to_thread.run_sync` call per command on a
   shared redis-py client (its connection pool);
 - `plain_pipeline`: no Trio at all; one thread sending the same commands in
@@ -26,7 +27,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from relay.embedded import EmbeddedServer
-from relay.redis_pump import RedisClient, RedisPump, connect
+from relay.redis_pump import RedisPump
+from relay.redis_sync import RedisClient, connect
 
 
 def _workload(commands: int, tasks: int, seed: int) -> list[list[tuple[str, ...]]]:
@@ -56,8 +58,8 @@ async def _run_tasks(
     return time.perf_counter() - started
 
 
-async def bench_pump(client: RedisClient, work: list[list[tuple[str, ...]]]) -> float:
-    pump = RedisPump(client)
+async def bench_pump(url: str, work: list[list[tuple[str, ...]]]) -> float:
+    pump = RedisPump(url)
     async with trio.open_nursery() as nursery:
         await nursery.start(pump.run)
         elapsed = await _run_tasks(work, lambda command: pump.execute(*command))
@@ -107,7 +109,7 @@ def main() -> None:
     with EmbeddedServer() as server:
         client = connect(server.url)
         ways: dict[str, Callable[[], float]] = {
-            "pump": lambda: trio.run(bench_pump, client, work),
+            "pump": lambda: trio.run(bench_pump, server.url, work),
             "thread_per_command": lambda: trio.run(bench_thread_per_command, client, work),
             "plain_pipeline": lambda: bench_plain_pipeline(client, work),
         }

@@ -18,7 +18,7 @@ import attrs
 import orjson
 
 from relay.redis_checks import RedisSettings, evaluate_settings, read_settings
-from relay.redis_pump import RedisClient
+from relay.redis_sync import RedisClient
 from relay.store_redis import glob_escape, message_sent_ms
 
 BATCH = 1000

@@ -24,7 +24,7 @@ from relay import logs
 from relay.audit import audit
 from relay.cli_client import add_listen_command, add_send_command, add_token_command
 from relay.errors import RelayError
-from relay.redis_pump import connect
+from relay.redis_sync import connect
 from relay.server import serve_until_signal
 from relay.workers import run_supervisor
 

@@ -3,20 +3,20 @@
 The store publishes every stored message on its mailbox's channel, and a new
 session publishes a "replaced" notice there. The hub subscribes to the
 channels of the mailboxes that have a session in this process and hands what
-arrives to those sessions.
+arrives to those sessions, on the Trio thread (the connection is a
+RedisConnection, like the pump's).
 
-redis-py's PubSub is blocking, so it is read in a thread of its own; the Trio
-side changes the subscriptions through one control task, in order, and each
-session waits until Redis confirmed its channel before it reads its mailbox.
-Pub/sub is at-most-once: after a reconnect every local session re-reads its
-mailbox from Redis (`resync`), and sessions also do so periodically.
+Subscriptions change through one control task, in order, and a session waits
+until Redis confirmed its channel before it reads its mailbox. Pub/sub is
+at-most-once: after a reconnect, once each channel is confirmed again, its
+sessions re-read their mailbox from Redis (`resync`); sessions also do so
+periodically. A PING every `heartbeat_s` finds a connection that died
+silently.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -24,7 +24,7 @@ import redis
 import trio
 
 from relay.errors import StorageUnavailable
-from relay.redis_pump import RedisClient
+from relay.redis_conn import ConnectionLost, RedisConnection, pack
 
 log = logging.getLogger(__name__)
 
@@ -44,51 +44,68 @@ class Subscriber(Protocol):
 class Hub:
     def __init__(
         self,
-        client: RedisClient,
+        url: str,
         channel_of: Callable[[str], str],
         *,
         on_reconnect: Callable[[], None] = lambda: None,
-        poll_s: float = 0.5,
+        retry_s: float = 0.5,
+        heartbeat_s: float = 15.0,
+        timeout_s: float = 5.0,
     ) -> None:
-        self._client = client
-        self._on_reconnect = on_reconnect
+        self._url = url
         self._channel_of = channel_of
-        self._poll_s = poll_s
-        self._pubsub: Any = None
+        self._on_reconnect = on_reconnect
+        self._retry_s = retry_s
+        self._heartbeat_s = heartbeat_s
+        self._timeout_s = timeout_s
         self._wanted: dict[str, set[Subscriber]] = {}
         self._active: set[str] = set()
         self._confirmed: dict[str, trio.Event] = {}
+        self._resync_when_confirmed: set[str] = set()
         self._changed = trio.Event()
-        self._stopping = threading.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._connects = 0
+        self._pong = trio.Event()
+        self._send_lock = trio.Lock()
         self.connected = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Read pub/sub in a thread and apply subscription changes until cancelled."""
-        self._token = trio.lowlevel.current_trio_token()
-        self._pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
-        try:
-            # A private channel opens the connection, so a connect callback can be set on it.
-            await trio.to_thread.run_sync(self._pubsub.subscribe, f"relay-hub:{id(self)}")
-            self._pubsub.connection.register_connect_callback(self._on_connect)
-            self._connects = 1
+        """Keep a subscriber connection up and serve it, until cancelled."""
+        task_status.started()
+        first = True
+        while True:
+            try:
+                connection = await RedisConnection.open(self._url, client_name="relay-hub")
+            except (OSError, redis.RedisError) as exc:
+                log.warning("pub/sub cannot connect (%s); retrying", exc)
+                await trio.sleep(self._retry_s)
+                continue
+            if not first:
+                self._on_reconnect()
+                self._resync_when_confirmed = set(self._wanted)
+                log.info("pub/sub reconnected; %d channels to re-read", len(self._wanted))
+            first = False
             self.connected = True
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._control)
-                nursery.start_soon(self._read_in_thread)
-                task_status.started()
-        finally:
-            self._stopping.set()
-            self._pubsub.close()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read, connection)
+                    nursery.start_soon(self._control, connection)
+                    nursery.start_soon(self._heartbeat, connection)
+            except* (ConnectionLost, trio.TooSlowError) as lost:
+                log.warning("pub/sub connection lost (%s); reconnecting", lost.exceptions[0])
+            finally:
+                self.connected = False
+                self._active = set()
+                self._confirmed = {}  # who subscribes now waits for the new connection
+                self._changed.set()
+                await connection.aclose()
+            await trio.sleep(self._retry_s)
 
-    async def subscribe(self, mailbox: str, subscriber: Subscriber, timeout_s: float = 5.0) -> None:
+    async def subscribe(self, mailbox: str, subscriber: Subscriber) -> None:
         """Route the mailbox's notices to `subscriber`; return once Redis confirmed it."""
         channel = self._channel_of(mailbox)
         self._wanted.setdefault(channel, set()).add(subscriber)
         confirmed = self._confirmed.setdefault(channel, trio.Event())
         self._changed.set()
-        with trio.move_on_after(timeout_s):
+        with trio.move_on_after(self._timeout_s):
             await confirmed.wait()
         if not confirmed.is_set():
             self.unsubscribe(mailbox, subscriber)
@@ -104,7 +121,12 @@ class Hub:
             del self._wanted[channel]
             self._changed.set()
 
-    async def _control(self) -> None:
+    async def _send(self, connection: RedisConnection, *command: str) -> None:
+        async with self._send_lock:
+            with trio.fail_after(self._timeout_s):
+                await connection.send(pack(command))
+
+    async def _control(self, connection: RedisConnection) -> None:
         """Bring Redis's subscriptions in line with the wanted ones, one change set at a time."""
         while True:
             await self._changed.wait()
@@ -114,70 +136,48 @@ class Hub:
             for channel in remove:
                 # Whoever subscribes to it from now on waits for a fresh confirmation.
                 self._confirmed.pop(channel, None)
-            try:
-                if add:
-                    await trio.to_thread.run_sync(self._pubsub.subscribe, *add)
-                if remove:
-                    await trio.to_thread.run_sync(self._pubsub.unsubscribe, *remove)
-            except redis.RedisError as exc:
-                log.warning("pub/sub subscription change failed: %s; retrying", type(exc).__name__)
-                await trio.sleep(self._poll_s)
-                self._changed.set()
-                continue
+            for channel in add:
+                self._confirmed.setdefault(channel, trio.Event())
+            if add:
+                await self._send(connection, "SUBSCRIBE", *add)
+            if remove:
+                await self._send(connection, "UNSUBSCRIBE", *remove)
             self._active = wanted
 
-    async def _read_in_thread(self) -> None:
-        await trio.to_thread.run_sync(self._reader, abandon_on_cancel=True)
+    async def _heartbeat(self, connection: RedisConnection) -> None:
+        while True:
+            await trio.sleep(self._heartbeat_s)
+            self._pong = trio.Event()
+            await self._send(connection, "PING")
+            with trio.fail_after(self._timeout_s):
+                await self._pong.wait()
 
-    def _reader(self) -> None:
-        """The pub/sub thread: read messages and pass them to the Trio side."""
-        assert self._token is not None
-        while not self._stopping.is_set():
-            try:
-                message = self._pubsub.get_message(timeout=self._poll_s)
-            except (redis.RedisError, OSError) as exc:
-                if self._stopping.is_set():
-                    return
-                self._token.run_sync_soon(self._set_connected, False)
-                log.warning("pub/sub connection lost (%s); reconnecting", type(exc).__name__)
-                time.sleep(self._poll_s)
-                continue
-            if message is not None:
-                try:
-                    self._token.run_sync_soon(self._dispatch, message)
-                except trio.RunFinishedError:
-                    return
+    async def _read(self, connection: RedisConnection) -> None:
+        while True:
+            reply = await connection.reply()
+            if isinstance(reply, list) and reply:
+                self._dispatch(reply)
 
-    def _on_connect(self, connection: object) -> None:
-        """redis-py calls this (after resubscribing) on every (re)connect of the pub/sub socket."""
-        self._connects += 1
-        if self._connects > 1 and self._token is not None:
-            self._token.run_sync_soon(self._resync_all)
-
-    def _set_connected(self, value: bool) -> None:
-        self.connected = value
-
-    def _resync_all(self) -> None:
-        self.connected = True
-        self._on_reconnect()
-        log.info("pub/sub reconnected; %d local channels re-read from Redis", len(self._wanted))
-        for subscribers in self._wanted.values():
-            for subscriber in subscribers:
-                subscriber.resync()
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        kind, channel = message["type"], message["channel"]
-        if kind == "subscribe":
+    def _dispatch(self, reply: list[Any]) -> None:
+        kind = reply[0]
+        if kind == "message":
+            self._deliver(reply[1], reply[2])
+        elif kind == "subscribe":
+            channel = reply[1]
             event = self._confirmed.get(channel)
             if event is not None:
                 event.set()
-            return
-        if kind != "message":
-            return
+            if channel in self._resync_when_confirmed:
+                self._resync_when_confirmed.discard(channel)
+                for subscriber in list(self._wanted.get(channel, ())):
+                    subscriber.resync()
+        elif kind == "pong":
+            self._pong.set()
+
+    def _deliver(self, channel: str, data: str) -> None:
         subscribers = self._wanted.get(channel)
         if not subscribers:
             return
-        data: str = message["data"]
         if data.startswith(REPLACED_PREFIX):
             session_id = data[len(REPLACED_PREFIX) :]
             for subscriber in list(subscribers):

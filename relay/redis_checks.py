@@ -14,7 +14,7 @@ import redis
 from redis.cluster import ClusterNode
 
 from relay.errors import UnsafeRedis
-from relay.redis_pump import RedisClient
+from relay.redis_sync import RedisClient
 
 ALLOW_PERSISTENT_FLAG = "--allow-persistent-redis"
 ALLOW_EVICTION_FLAG = "--allow-eviction"

@@ -1,19 +1,21 @@
-"""Batch Redis commands from many Trio tasks into redis-py pipelines run in a worker thread.
+"""Batch Redis commands from many Trio tasks into pipelines on one Trio-native connection.
 
-redis-py has no Trio client. Measured on our machine class (design.md), the
-fastest way to reach Redis from Trio is a single pump task that takes every
-command pending at that moment, runs them as one non-transactional pipeline in
-a worker thread, and hands each caller its own result. At low load a batch
-holds one command (one round trip); under load batches grow, and so does
-throughput.
+Callers `await pump.execute(...)`; one pump task takes every command pending
+at that moment, writes them as one pipeline, reads the replies in order, and
+hands each caller its own. At low load a batch holds one command (one round
+trip); under load batches grow while the Trio loop serves WebSockets during
+each round trip, and throughput follows.
 
 Failure model:
-- a command that fails (a Lua error, NOSCRIPT after a reload, a wrong type)
-  fails only its own caller;
-- a connection error or timeout fails every call of that batch with
-  StorageUnavailable; redis-py discards that connection (it is never reused
-  with unread replies) and the next batch connects afresh, so the pump
-  recovers by itself after a Redis restart;
+- a command that fails (a Lua error, a wrong type) fails only its own caller;
+  a script Redis does not know (NOSCRIPT, after a restart or SCRIPT FLUSH) is
+  loaded and run again;
+- an argument that cannot be encoded fails only its own caller;
+- a broken connection, or a batch whose replies do not come within
+  `timeout_s`, fails every caller still owed a reply with StorageUnavailable,
+  and the connection is thrown away, never reused with replies owed. A batch
+  is never sent twice; the next batch opens a fresh connection, so the pump
+  recovers by itself once Redis is back;
 - a caller cancelled before its batch was sent is dropped from the batch; a
   caller cancelled later does not cancel the command, it only stops waiting.
 """
@@ -21,6 +23,7 @@ Failure model:
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,12 +31,13 @@ from typing import Any
 import attrs
 import redis
 import trio
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from relay.errors import StorageUnavailable
+from relay.redis_conn import ConnectionLost, RedisConnection, pack
 
-RedisClient = redis.Redis | redis.RedisCluster
+log = logging.getLogger(__name__)
+
+IDLE_CHECK_S = 1.0  # a connection idle this long is checked for an EOF before use
 
 
 @attrs.frozen
@@ -81,44 +85,24 @@ class PumpStatistics:
 BatchObserver = Callable[[int, float], None]
 
 
-def connect(url: str, *, timeout_s: float = 5.0, cluster: bool = False) -> RedisClient:
-    """A redis-py client for `redis://`, `rediss://` or `unix://` URLs.
-
-    One retry on a connection error covers a connection that went stale (for
-    instance after a Redis restart, or one a proxy closed while idle). The
-    commands of a batch whose reply was lost may so run twice: every script
-    the relay runs is idempotent for that reason. A timeout is not retried.
-    """
-    options: dict[str, Any] = {
-        "decode_responses": True,
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        "client_name": "relay",
-    }
-    if cluster:
-        return redis.RedisCluster.from_url(url, **options)
-    return redis.Redis.from_url(url, **options)
-
-
 class RedisPump:
     """Runs commands for many tasks, batched. Start `run` in a nursery first."""
 
     def __init__(
         self,
-        client: RedisClient,
+        url: str,
         *,
+        timeout_s: float = 5.0,
         max_pending: int = 4096,
         max_batch: int = 1024,
-        batches_in_flight: int = 2,
         on_batch: BatchObserver | None = None,
     ) -> None:
-        self.client = client
+        self.url = url
+        self._timeout_s = timeout_s
         self._send, self._receive = trio.open_memory_channel[_Request](max_pending)
         self._max_batch = max_batch
         self._on_batch = on_batch
-        self._limiter = trio.CapacityLimiter(batches_in_flight)
-        self._slots = trio.Semaphore(batches_in_flight)
+        self._connection: RedisConnection | None = None
         self._batches = 0
         self._commands = 0
         self._last_batch_size = 0
@@ -162,21 +146,27 @@ class RedisPump:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The pump loop. Cancel it to stop; batches in flight finish first."""
+        """The pump loop. Cancel it to stop: the batch in flight finishes, queued callers
+        get StorageUnavailable."""
         task_status.started()
         try:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    await self._slots.acquire()
-                    try:
-                        batch = await self._next_batch()
-                    except BaseException:
-                        self._slots.release()
-                        raise
-                    nursery.start_soon(self._run_batch, batch)
+            while True:
+                batch = await self._next_batch()
+                try:
+                    # A batch once started runs to its end (bounded by timeout_s), so
+                    # its callers learn what happened to commands Redis may have run.
+                    with trio.CancelScope(shield=True):
+                        await self._run_batch([r for r in batch if not r.abandoned])
+                finally:
+                    for request in batch:
+                        if len(request.results) != len(request.commands):
+                            request.results = _failed(request, "the Redis pump stopped")
+                        request.done.set()
         finally:
             self._send.close()
             self._fail_queued()
+            if self._connection is not None:
+                await self._connection.aclose()
 
     async def _next_batch(self) -> list[_Request]:
         """Wait for one request, then take every request already pending, up to max_batch."""
@@ -192,83 +182,79 @@ class RedisPump:
         return batch
 
     async def _run_batch(self, batch: list[_Request]) -> None:
-        try:
-            live = [r for r in batch if not r.abandoned]
-            commands = [c for r in live for c in r.commands]
-            started = time.perf_counter()
-            results = await trio.to_thread.run_sync(
-                self._execute_blocking, commands, limiter=self._limiter
-            )
-            elapsed = time.perf_counter() - started
-            offset = 0
-            for request in live:
-                request.results = results[offset : offset + len(request.commands)]
-                offset += len(request.commands)
-            self._batches += 1
-            self._commands += len(commands)
-            self._last_batch_size = len(commands)
-            self._last_batch_s = elapsed
-            if self._on_batch is not None:
-                self._on_batch(len(commands), elapsed)
-        finally:
-            self._slots.release()
-            for request in batch:
-                if len(request.results) != len(request.commands):
-                    request.results = _failed(request, "the Redis pump stopped")
-                request.done.set()
+        commands = [c for r in batch for c in r.commands]
+        if not commands:
+            return
+        started = time.perf_counter()
+        results = await self._execute(commands)
+        elapsed = time.perf_counter() - started
+        offset = 0
+        for request in batch:
+            request.results = results[offset : offset + len(request.commands)]
+            offset += len(request.commands)
+        self._batches += 1
+        self._commands += len(commands)
+        self._last_batch_size = len(commands)
+        self._last_batch_s = elapsed
+        if self._on_batch is not None:
+            self._on_batch(len(commands), elapsed)
 
-    def _execute_blocking(self, commands: list[Command]) -> list[Any]:
-        """Runs in the worker thread: one pipeline, then a retry of NOSCRIPT failures."""
-        try:
-            results = self._pipeline(commands)
-            missing = [
-                i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)
-            ]
-            if missing:
-                for source in {c.script.source for i in missing if (c := commands[i]).script}:
-                    self.client.script_load(source)
-                for i, result in zip(
-                    missing, self._pipeline([commands[i] for i in missing]), strict=True
-                ):
-                    results[i] = result
-            return results
-        except (redis.DataError, UnicodeError, TypeError):
-            # redis-py could not encode some argument, and so sent nothing.
-            return self._without_unencodable(commands)
-        except redis.RedisError as exc:
-            # The whole batch failed at the connection level; redis-py already
-            # dropped the connection, so the next batch starts on a fresh one.
-            error = StorageUnavailable(f"Redis unavailable: {type(exc).__name__}")
-            return [error] * len(commands)
-        except Exception as exc:  # a bug: fail this batch's callers, keep the pump alive
-            return [exc] * len(commands)
-
-    def _without_unencodable(self, commands: list[Command]) -> list[Any]:
-        """Fail the commands whose arguments cannot be encoded; run the others."""
-        encoder = self.client.get_encoder()
+    async def _execute(self, commands: list[Command]) -> list[Any]:
+        """One pipeline, then a second for the scripts Redis did not know."""
         results: list[Any] = [None] * len(commands)
-        good: list[int] = []
+        sent: list[int] = []
+        packed: list[bytes] = []
         for i, command in enumerate(commands):
             try:
-                for arg in command.args:
-                    encoder.encode(arg)
-                good.append(i)
-            except (redis.DataError, UnicodeError, TypeError) as exc:
-                results[i] = exc
-        if len(good) == len(commands):  # nothing to isolate: do not loop
-            return [TypeError("a batch could not be encoded")] * len(commands)
-        for i, result in zip(
-            good, self._execute_blocking([commands[i] for i in good]), strict=True
-        ):
-            results[i] = result
+                packed.append(pack(command.args))
+                sent.append(i)
+            except (TypeError, UnicodeError) as exc:  # this command cannot be sent at all
+                results[i] = redis.DataError(f"cannot encode the command: {exc}")
+        for i, reply in zip(sent, await self._pipeline(packed), strict=True):
+            results[i] = reply
+        missing = [
+            k for k, i in enumerate(sent) if isinstance(results[i], redis.exceptions.NoScriptError)
+        ]
+        if missing:
+            sources = {c.script.source for k in missing if (c := commands[sent[k]]).script}
+            loads = [pack(("SCRIPT", "LOAD", source)) for source in sources]
+            again = await self._pipeline(loads + [packed[k] for k in missing])
+            for k, reply in zip(missing, again[len(loads) :], strict=True):
+                results[sent[k]] = reply
         return results
 
-    def _pipeline(self, commands: list[Command]) -> list[Any]:
-        with self.client.pipeline(transaction=False) as pipe:
-            for command in commands:
-                pipe.execute_command(*command.args)
-            results: list[Any] = pipe.execute(raise_on_error=False)
-            return results
+    async def _pipeline(self, packed: list[bytes]) -> list[Any]:
+        """Send packed commands on the connection and read their replies; a failure
+        answers every command with StorageUnavailable and throws the connection away."""
+        if not packed:
+            return []
+        try:
+            with trio.fail_after(self._timeout_s):
+                connection = await self._connected()
+                return await connection.execute_packed(b"".join(packed), len(packed))
+        except (ConnectionLost, OSError, trio.TooSlowError, redis.RedisError) as exc:
+            await self._discard()
+            why = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+            return [StorageUnavailable(f"Redis unavailable: {why}")] * len(packed)
+        except BaseException:
+            await self._discard()  # cancelled mid-batch: replies are owed on it
+            raise
+
+    async def _connected(self) -> RedisConnection:
+        connection = self._connection
+        if connection is not None and (
+            trio.current_time() - connection.idle_since < IDLE_CHECK_S
+            or not connection.looks_closed()
+        ):
+            return connection
+        await self._discard()
+        self._connection = await RedisConnection.open(self.url)
+        return self._connection
+
+    async def _discard(self) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await connection.aclose()
 
     def _fail_queued(self) -> None:
         while True:

@@ -34,7 +34,8 @@ from relay.limits import parse_networks
 from relay.metrics import Metrics
 from relay.ops import OpsEndpoints, serve_ops
 from relay.redis_checks import RedisSettings, check_settings, read_settings
-from relay.redis_pump import RedisPump, connect
+from relay.redis_pump import RedisPump
+from relay.redis_sync import connect
 from relay.session import CLOSE_TIMEOUT_S, Services
 from relay.store_redis import Quota, RedisMailboxStore
 
@@ -86,9 +87,8 @@ async def serve_relay(
         embedded.start()  # from the main thread: it dies with this process
         log.info("started embedded Valkey (pid %d); messages live in memory only", embedded.pid)
     redis_url = config.redis_url or (embedded.url if embedded else "")
-    client = connect(redis_url)
     try:
-        settings = await trio.to_thread.run_sync(read_settings, client)
+        settings = await trio.to_thread.run_sync(_read_settings, redis_url)
         for warning in check_settings(
             settings,
             allow_persistent=config.allow_persistent_redis,
@@ -96,7 +96,7 @@ async def serve_relay(
         ):
             log.warning("%s", warning)
         metrics = Metrics(config.worker_id or 0)
-        pump = RedisPump(client, on_batch=metrics.observe_batch)
+        pump = RedisPump(redis_url, on_batch=metrics.observe_batch)
         store = RedisMailboxStore(
             pump,
             prefix=config.key_prefix,
@@ -104,7 +104,7 @@ async def serve_relay(
             quota=Quota(config.max_mailbox_messages, config.max_mailbox_bytes),
         )
         hub = Hub(
-            client,
+            redis_url,
             lambda mailbox: store.keys(mailbox).channel,
             on_reconnect=metrics.hub_reconnects.inc,
         )
@@ -135,10 +135,17 @@ async def serve_relay(
             await _serve_websockets(config, services, verifier, redis_url, ops_port, task_status)
             background.cancel_scope.cancel()
     finally:
-        client.close()
         if embedded is not None:
             embedded.stop()
             log.info("stopped embedded Valkey")
+
+
+def _read_settings(redis_url: str) -> RedisSettings:
+    client = connect(redis_url)
+    try:
+        return read_settings(client)
+    finally:
+        client.close()
 
 
 async def serve_until_signal(config: Config) -> None:

@@ -60,6 +60,29 @@ class Services:
     draining: bool = False  # shutting down: new sessions are closed with 1001 at once
 
 
+class Credits:
+    """The in-flight window: a counting semaphore that delivery takes from in bulk
+    (one frame may carry many messages) and acks give back to."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+        self._given = trio.Event()
+
+    async def take(self, most: int) -> int:
+        """Wait until at least one slot is free; take up to `most`."""
+        while self.free == 0:
+            self._given = trio.Event()
+            await self._given.wait()
+        taken = min(self.free, most)
+        self.free -= taken
+        return taken
+
+    def give(self, count: int) -> None:
+        if count:
+            self.free += count
+            self._given.set()
+
+
 class Session:
     def __init__(
         self, ws: WebSocketConnection, mailbox: str, token_expires_at_s: float, services: Services
@@ -71,7 +94,7 @@ class Session:
         self._services = services
         self._config = services.config
         self._cursor = 0
-        self._inflight = trio.Semaphore(self._config.max_inflight)
+        self._inflight = Credits(self._config.max_inflight)
         self._unacked: set[str] = set()
         self._notices: deque[tuple[int, str]] = deque()
         self._notice_bytes = 0
@@ -238,10 +261,12 @@ class Session:
         elif isinstance(frame, protocol.AckFrame):
             count = await store.ack(self.mailbox, frame.ids)
             self._services.metrics.acked.inc(count)
+            released = 0
             for message_id in frame.ids:
                 if message_id in self._unacked:
                     self._unacked.remove(message_id)
-                    self._inflight.release()
+                    released += 1
+            self._inflight.give(released)
             if frame.ref is not None:
                 await self._send(protocol.encode_acked(frame.ref, count))
         else:
@@ -253,14 +278,15 @@ class Session:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            slots = await self._take_slots()
+            wanted = FETCH_PAGE if self._must_read else min(len(self._notices), FETCH_PAGE)
+            slots = await self._inflight.take(wanted)
             if self._must_read:
                 self._must_read = False
                 try:
                     batch = await self._services.store.fetch(self.mailbox, self._cursor, slots)
                 except StorageUnavailable as exc:
                     log.warning("session %s: %s; retrying", pseudonym(self.mailbox), exc.message)
-                    self._release(slots)
+                    self._inflight.give(slots)
                     self._must_read = True
                     await trio.sleep(STORAGE_RETRY_S)
                     continue
@@ -269,7 +295,7 @@ class Session:
                 deliveries = [(d.seq, d.id, d.envelope) for d in batch]
             else:
                 deliveries = self._take_notices(slots)
-            self._release(slots - len(deliveries))
+            self._inflight.give(slots - len(deliveries))
             if deliveries:
                 self._cursor = deliveries[-1][0]
                 self._unacked.update(message_id for _, message_id, _ in deliveries)
@@ -278,18 +304,6 @@ class Session:
                     protocol.encode_deliver([envelope for _, _, envelope in deliveries])
                 )
 
-    async def _take_slots(self) -> int:
-        """Wait for one free in-flight slot, then take more that are free, up to a page."""
-        await self._inflight.acquire()
-        slots = 1
-        while slots < FETCH_PAGE:
-            try:
-                self._inflight.acquire_nowait()
-            except trio.WouldBlock:
-                break
-            slots += 1
-        return slots
-
     def _observe_delivery(self, seqs: list[int]) -> None:
         """Sequences are the Redis clock in µs when the message was stored."""
         metrics = self._services.metrics
@@ -297,10 +311,6 @@ class Session:
         now_us = time.time_ns() // 1000
         for seq in seqs:
             metrics.delivery_latency.observe(max(now_us - seq, 0) / 1e6)
-
-    def _release(self, slots: int) -> None:
-        for _ in range(slots):
-            self._inflight.release()
 
     def _take_notices(self, limit: int) -> list[tuple[int, str, str]]:
         taken: list[tuple[int, str, str]] = []

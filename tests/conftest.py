@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
 
 from relay.embedded import EmbeddedServer, valkey_binary
-from relay.redis_pump import RedisClient, RedisPump, connect
+from relay.redis_pump import RedisPump
+from relay.redis_sync import RedisClient, connect
 from relay.store_redis import RedisMailboxStore
 
 SERVERS: dict[str, Callable[[], str | None]] = {
@@ -54,12 +55,10 @@ def redis_client(redis_url: str) -> Iterator[RedisClient]:
 
 
 @pytest.fixture
-async def pump(redis_url: str, nursery: trio.Nursery) -> AsyncIterator[RedisPump]:
-    client = connect(redis_url)
-    pump = RedisPump(client)
+async def pump(redis_url: str, nursery: trio.Nursery) -> RedisPump:
+    pump = RedisPump(redis_url)
     await nursery.start(pump.run)
-    yield pump
-    client.close()
+    return pump
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 from relay.client import Message, RelayClient
 from relay.config import Config
-from relay.redis_pump import RedisClient
+from relay.redis_sync import RedisClient
 from relay.server import RunningRelay, serve_relay
 
 SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"  # HS256 wants >= 32 bytes

@@ -15,7 +15,7 @@ import trio
 from relay.audit import LISTED_MAX, audit
 from relay.cli import main
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.redis_pump import RedisClient, connect
+from relay.redis_sync import RedisClient, connect
 from relay.store_redis import RedisMailboxStore
 
 RETENTION_S = 3600  # the `store` fixture's retention

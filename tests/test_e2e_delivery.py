@@ -32,7 +32,7 @@ from relay.cli import main as relay_cli
 from relay.client import Message, RelayClientError, open_relay
 from relay.embedded import EmbeddedServer
 from relay.errors import UnsafeRedis
-from relay.redis_pump import RedisClient, connect
+from relay.redis_sync import RedisClient, connect
 from relay.server import RunningRelay, serve_relay
 
 pytest_plugins = ["relay_fixtures"]

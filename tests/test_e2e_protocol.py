@@ -49,7 +49,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 from relay.client import RelayClientError, open_relay
 from relay.codes import CLOSE_REASONS, CloseCode
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.redis_pump import RedisClient
+from relay.redis_sync import RedisClient
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]

@@ -48,7 +48,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 from relay.client import open_relay
 from relay.config import Config
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.redis_pump import RedisClient
+from relay.redis_sync import RedisClient
 from relay.server import RunningRelay, serve_relay
 
 pytest_plugins = ["relay_fixtures"]

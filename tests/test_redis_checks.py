@@ -9,7 +9,7 @@ import pytest
 from relay.embedded import EmbeddedServer
 from relay.errors import UnsafeRedis
 from relay.redis_checks import RedisSettings, check_settings, read_settings
-from relay.redis_pump import RedisClient, connect
+from relay.redis_sync import RedisClient, connect
 
 SAFE = RedisSettings(save="", appendonly="no", maxmemory_policy="noeviction")
 

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from relay.codes import ErrorCode
 from relay.errors import MailboxFull
-from relay.redis_pump import RedisClient, RedisPump, connect
+from relay.redis_pump import RedisPump
+from relay.redis_sync import RedisClient
 from relay.store import Accepted
 from relay.store_redis import SEND, Quota, RedisMailboxStore, message_sent_ms, new_message_id
 
@@ -455,13 +456,12 @@ async def test_envelope_carries_id_from_body_and_times(
     t = now_ms()
     with trio.fail_after(DEADLINE_S):
         async with trio.open_nursery() as nursery:
-            pump = RedisPump(connect(redis_url))
+            pump = RedisPump(redis_url)
             await nursery.start(pump.run)
             store = RedisMailboxStore(pump, prefix=prefix, retention_s=3600)
             accepted = await store.send("alice", [mailbox], body, 120, None, t)
             (delivery,) = await store.fetch(mailbox, 0, 10)
             nursery.cancel_scope.cancel()
-        pump.client.close()
     assert orjson.loads(delivery.envelope) == {
         "id": accepted.ids[mailbox],
         "from": "alice",
