@@ -13,11 +13,9 @@ unacked; the rest wait in Redis, not here.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections import Counter
 
 import attrs
 import trio
@@ -64,15 +62,18 @@ class Credits:
     """The in-flight window: a counting semaphore that delivery takes from in bulk
     (one frame may carry many messages) and acks give back to."""
 
+    __slots__ = ("_given", "free")
+
     def __init__(self, total: int) -> None:
         self.free = total
-        self._given = trio.Event()
+        self._given: trio.Event | None = None  # made only while delivery waits
 
     async def take(self, most: int) -> int:
         """Wait until at least one slot is free; take up to `most`."""
         while self.free == 0:
             self._given = trio.Event()
             await self._given.wait()
+        self._given = None
         taken = min(self.free, most)
         self.free -= taken
         return taken
@@ -80,10 +81,31 @@ class Credits:
     def give(self, count: int) -> None:
         if count:
             self.free += count
-            self._given.set()
+            if self._given is not None:
+                self._given.set()
 
 
 class Session:
+    __slots__ = (
+        "_cancel_scope",
+        "_close_code",
+        "_config",
+        "_cursor",
+        "_established",
+        "_inflight",
+        "_loops",
+        "_must_read",
+        "_notice_bytes",
+        "_notices",
+        "_services",
+        "_token_expires_at_s",
+        "_unacked",
+        "_wake",
+        "id",
+        "mailbox",
+        "ws",
+    )
+
     def __init__(
         self, ws: WebSocketConnection, mailbox: str, token_expires_at_s: float, services: Services
     ) -> None:
@@ -96,13 +118,14 @@ class Session:
         self._cursor = 0
         self._inflight = Credits(self._config.max_inflight)
         self._unacked: set[str] = set()
-        self._notices: deque[tuple[int, str]] = deque()
+        self._notices: list[tuple[int, str]] = []  # a list: an empty deque costs 600 bytes
         self._notice_bytes = 0
         self._must_read = True  # read the mailbox from Redis before trusting notices
         self._wake = trio.Event()
         self._established = False  # saw its own "replaced" notice come back
         self._close_code: CloseCode | None = None
         self._cancel_scope = trio.CancelScope()
+        self._loops: trio.CancelScope | None = None
 
     # -- the hub's side ---------------------------------------------------
 
@@ -181,24 +204,15 @@ class Session:
         )
         log.debug("session %s started, %d waiting", pseudonym(self.mailbox), start.waiting)
         async with trio.open_nursery() as nursery:
-            for loop in (
-                self._inbound,
-                self._outbound,
-                self._keepalive,
-                self._expire,
-                self._backstop,
-            ):
-                nursery.start_soon(self._until_done, loop, nursery.cancel_scope)
+            self._loops = nursery.cancel_scope
+            nursery.start_soon(self._inbound)
+            nursery.start_soon(self._outbound)
+            nursery.start_soon(self._timers)
 
-    @staticmethod
-    async def _until_done(loop: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+    def _loop_ended(self) -> None:
         """When one loop ends (the peer closed, say), the others stop too."""
-        try:
-            await loop()
-        except ConnectionClosed:
-            pass
-        finally:
-            scope.cancel()
+        if self._loops is not None:
+            self._loops.cancel()
 
     async def _send(self, text: str) -> None:
         """Send a frame; a client that does not read within the deadline is closed (1008)."""
@@ -212,41 +226,49 @@ class Session:
     # -- the loops --------------------------------------------------------
 
     async def _inbound(self) -> None:
-        config, metrics = self._config, self._services.metrics
-        limiter = FrameLimiter.create(
-            config.rate_limit_per_s, config.rate_burst, trio.current_time()
-        )
-        while True:
-            message = await self.ws.get_message()
-            frame: protocol.ClientFrame | None = None
-            admitted = limiter.admit(trio.current_time())  # every frame counts, good or bad
-            if not admitted and limiter.abusive:
-                log.warning(
-                    "session %s kept sending over its rate limit; closing", pseudonym(self.mailbox)
-                )
-                self.close(CloseCode.POLICY)
-                return
-            try:
-                if isinstance(message, bytes):
-                    raise BadFrame("binary frames are reserved for a later protocol version")
-                frame = protocol.parse_frame(message, self._services.limits)
-                if not admitted:
-                    raise RateLimited(
-                        f"more than {config.rate_limit_per_s:g} frames/s (burst {config.rate_burst})"
+        try:
+            config, metrics = self._config, self._services.metrics
+            limiter = FrameLimiter.create(
+                config.rate_limit_per_s, config.rate_burst, trio.current_time()
+            )
+            while True:
+                message = await self.ws.get_message()
+                frame: protocol.ClientFrame | None = None
+                admitted = limiter.admit(trio.current_time())  # every frame counts, good or bad
+                if not admitted and limiter.abusive:
+                    log.warning(
+                        "session %s kept sending over its rate limit; closing",
+                        pseudonym(self.mailbox),
                     )
-                await self._handle(frame)
-            except ClientError as exc:
-                metrics.rejected.labels(exc.code.value).inc()
-                ref = exc.ref if exc.ref is not None else getattr(frame, "ref", None)
-                await self._send(protocol.encode_error(exc.code, exc.message, ref))
-            except ConnectionClosed:
-                raise
-            except Exception:
-                # A bug must not end the session, nor reach the client in detail.
-                log.exception("session %s: frame failed", pseudonym(self.mailbox))
-                metrics.rejected.labels(ErrorCode.INTERNAL.value).inc()
-                ref = getattr(frame, "ref", None)
-                await self._send(protocol.encode_error(ErrorCode.INTERNAL, "internal error", ref))
+                    self.close(CloseCode.POLICY)
+                    return
+                try:
+                    if isinstance(message, bytes):
+                        raise BadFrame("binary frames are reserved for a later protocol version")
+                    frame = protocol.parse_frame(message, self._services.limits)
+                    if not admitted:
+                        raise RateLimited(
+                            f"more than {config.rate_limit_per_s:g} frames/s (burst {config.rate_burst})"
+                        )
+                    await self._handle(frame)
+                except ClientError as exc:
+                    metrics.rejected.labels(exc.code.value).inc()
+                    ref = exc.ref if exc.ref is not None else getattr(frame, "ref", None)
+                    await self._send(protocol.encode_error(exc.code, exc.message, ref))
+                except ConnectionClosed:
+                    raise
+                except Exception:
+                    # A bug must not end the session, nor reach the client in detail.
+                    log.exception("session %s: frame failed", pseudonym(self.mailbox))
+                    metrics.rejected.labels(ErrorCode.INTERNAL.value).inc()
+                    ref = getattr(frame, "ref", None)
+                    await self._send(
+                        protocol.encode_error(ErrorCode.INTERNAL, "internal error", ref)
+                    )
+        except ConnectionClosed:
+            pass
+        finally:
+            self._loop_ended()
 
     async def _handle(self, frame: protocol.ClientFrame) -> None:
         store = self._services.store
@@ -273,36 +295,43 @@ class Session:
             raise BadFrame("already authenticated")
 
     async def _outbound(self) -> None:
-        while True:
-            if not self._must_read and not self._notices:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                continue
-            wanted = FETCH_PAGE if self._must_read else min(len(self._notices), FETCH_PAGE)
-            slots = await self._inflight.take(wanted)
-            if self._must_read:
-                self._must_read = False
-                try:
-                    batch = await self._services.store.fetch(self.mailbox, self._cursor, slots)
-                except StorageUnavailable as exc:
-                    log.warning("session %s: %s; retrying", pseudonym(self.mailbox), exc.message)
-                    self._inflight.give(slots)
-                    self._must_read = True
-                    await trio.sleep(STORAGE_RETRY_S)
+        try:
+            while True:
+                if not self._must_read and not self._notices:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
                     continue
-                if len(batch) == slots:
-                    self._must_read = True  # there may be more
-                deliveries = [(d.seq, d.id, d.envelope) for d in batch]
-            else:
-                deliveries = self._take_notices(slots)
-            self._inflight.give(slots - len(deliveries))
-            if deliveries:
-                self._cursor = deliveries[-1][0]
-                self._unacked.update(message_id for _, message_id, _ in deliveries)
-                self._observe_delivery([seq for seq, _, _ in deliveries])
-                await self._send(
-                    protocol.encode_deliver([envelope for _, _, envelope in deliveries])
-                )
+                wanted = FETCH_PAGE if self._must_read else min(len(self._notices), FETCH_PAGE)
+                slots = await self._inflight.take(wanted)
+                if self._must_read:
+                    self._must_read = False
+                    try:
+                        batch = await self._services.store.fetch(self.mailbox, self._cursor, slots)
+                    except StorageUnavailable as exc:
+                        log.warning(
+                            "session %s: %s; retrying", pseudonym(self.mailbox), exc.message
+                        )
+                        self._inflight.give(slots)
+                        self._must_read = True
+                        await trio.sleep(STORAGE_RETRY_S)
+                        continue
+                    if len(batch) == slots:
+                        self._must_read = True  # there may be more
+                    deliveries = [(d.seq, d.id, d.envelope) for d in batch]
+                else:
+                    deliveries = self._take_notices(slots)
+                self._inflight.give(slots - len(deliveries))
+                if deliveries:
+                    self._cursor = deliveries[-1][0]
+                    self._unacked.update(message_id for _, message_id, _ in deliveries)
+                    self._observe_delivery([seq for seq, _, _ in deliveries])
+                    await self._send(
+                        protocol.encode_deliver([envelope for _, _, envelope in deliveries])
+                    )
+        except ConnectionClosed:
+            pass
+        finally:
+            self._loop_ended()
 
     def _observe_delivery(self, seqs: list[int]) -> None:
         """Sequences are the Redis clock in µs when the message was stored."""
@@ -314,31 +343,46 @@ class Session:
 
     def _take_notices(self, limit: int) -> list[tuple[int, str, str]]:
         taken: list[tuple[int, str, str]] = []
-        while self._notices and len(taken) < limit:
-            seq, envelope = self._notices.popleft()
+        used = 0
+        for seq, envelope in self._notices:
+            if len(taken) == limit:
+                break
+            used += 1
             self._notice_bytes -= len(envelope)
             if seq > self._cursor and (not taken or seq > taken[-1][0]):
                 taken.append((seq, envelope_id(envelope), envelope))
+        del self._notices[:used]
         return taken
 
-    async def _keepalive(self) -> None:
-        while True:
-            await trio.sleep(self._config.ping_interval_s)
-            with trio.move_on_after(self._config.idle_timeout_s) as scope:
-                await self.ws.ping()
-            if scope.cancelled_caught:
-                log.info("session %s idle; closing", pseudonym(self.mailbox))
-                self.close(CloseCode.NORMAL)
-
-    async def _expire(self) -> None:
-        await trio.sleep(max(self._token_expires_at_s - time.time(), 0))
-        self.close(CloseCode.UNAUTHORIZED)
-
-    async def _backstop(self) -> None:
-        """Re-read the mailbox now and then, in case a notice was lost."""
-        if math.isinf(self._config.backstop_drain_s):
-            return
-        while True:
-            await trio.sleep(self._config.backstop_drain_s)
-            self._must_read = True
-            self._wake.set()
+    async def _timers(self) -> None:
+        """Keepalive pings, the backstop re-read and the token's expiry, on one timer."""
+        try:
+            config = self._config
+            now = trio.current_time()
+            expires = now + max(self._token_expires_at_s - time.time(), 0.0)
+            next_ping = now + config.ping_interval_s
+            next_read = now + config.backstop_drain_s  # inf turns the backstop off
+            while True:
+                await trio.sleep_until(min(next_ping, next_read, expires))
+                now = trio.current_time()
+                if now >= next_read:
+                    # In case a notice was lost: read the mailbox from Redis.
+                    self._must_read = True
+                    self._wake.set()
+                    next_read = now + config.backstop_drain_s
+                if now >= next_ping:
+                    with trio.move_on_after(min(config.idle_timeout_s, expires - now)) as scope:
+                        await self.ws.ping()
+                    now = trio.current_time()
+                    if scope.cancelled_caught and now < expires:
+                        log.info("session %s answered no ping; closing", pseudonym(self.mailbox))
+                        self.close(CloseCode.NORMAL)
+                        return
+                    next_ping = now + config.ping_interval_s
+                if now >= expires:
+                    self.close(CloseCode.UNAUTHORIZED)
+                    return
+        except ConnectionClosed:
+            pass
+        finally:
+            self._loop_ended()
