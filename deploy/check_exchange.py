@@ -1,0 +1,270 @@
+"""Checks of a running relay deployment from outside, for deploy/test.sh.
+
+    python deploy/check_exchange.py exchange --lb ws://H:P/v1 --metrics-a URL --metrics-b URL
+    python deploy/check_exchange.py drain --url ws://H:P/v1 -- docker stop CONTAINER
+    python deploy/check_exchange.py failover --lb ws://H:P/v1
+    python deploy/check_exchange.py redis-acl --port 6379
+    python deploy/check_exchange.py policy --ops http://H:P
+
+Tokens are minted with RELAY_JWT_SECRET from the environment, the Redis
+password is RELAY_REDIS_PASSWORD. Each command prints what it checked and
+exits 0, or prints FAIL and exits 1. Mailbox ids are random per run, so runs
+never meet each other's messages or sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import redis
+import trio
+from trio_websocket import ConnectionClosed
+
+from relay.auth import mint_token
+from relay.client import RelayClient, open_relay
+
+TIMEOUT_S = 30.0
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def token(mailbox: str) -> str:
+    return mint_token(os.environ["RELAY_JWT_SECRET"], mailbox, 600, time.time())
+
+
+def mailbox(name: str) -> str:
+    return f"{name}-{secrets.token_hex(4)}"
+
+
+def open_connections(metrics_url: str) -> int:
+    """The relay_connections gauge of one replica."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith("relay_connections "):
+            return int(float(line.split()[1]))
+    raise CheckFailed(f"{metrics_url} has no relay_connections gauge")
+
+
+async def gauges(urls: dict[str, str]) -> dict[str, int]:
+    return {
+        name: await trio.to_thread.run_sync(open_connections, url) for name, url in urls.items()
+    }
+
+
+async def landed_on(urls: dict[str, str], before: dict[str, int]) -> str:
+    """The replica whose gauge went up by one since `before`."""
+    with trio.fail_after(5):
+        while True:
+            now = await gauges(urls)
+            grown = [name for name in urls if now[name] > before[name]]
+            if len(grown) == 1:
+                return grown[0]
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def connect_retrying(url: str, box: str, deadline_s: float) -> AsyncIterator[RelayClient]:
+    """open_relay, retried while the load balancer has no replica ready for it."""
+    stop = trio.current_time() + deadline_s
+    while True:
+        stack = AsyncExitStack()
+        try:
+            client = await stack.enter_async_context(open_relay(url, token(box)))
+            break
+        except Exception as exc:  # refused, reset, 503 from the LB: all mean "not yet"
+            if trio.current_time() > stop:
+                raise
+            print(f"connect to {url} failed ({type(exc).__name__}); retrying")
+        await trio.sleep(0.5)
+    async with stack:
+        yield client
+
+
+async def exchange_one(sender: RelayClient, to: str, recipient: RelayClient) -> None:
+    body = f"hello {secrets.token_hex(8)}"
+    accepted = await sender.send(to, body, ttl_s=300)
+    message = await recipient.receive()
+    if message.body != body or message.id != accepted["ids"][to]:
+        raise CheckFailed(f"received {message!r}, expected body {body!r}")
+    if await recipient.ack([message.id]) != 1:
+        raise CheckFailed("ack did not delete the message")
+
+
+async def exchange(args: argparse.Namespace) -> None:
+    """A message from a sender on one replica to a recipient on the other, both via the LB."""
+    urls = {"relay-a": args.metrics_a, "relay-b": args.metrics_b}
+    bob, alice = mailbox("bob"), mailbox("alice")
+    with trio.fail_after(TIMEOUT_S):
+        async with AsyncExitStack() as stack:
+            before = await gauges(urls)
+            recipient = await stack.enter_async_context(open_relay(args.lb, token(bob)))
+            bob_on = await landed_on(urls, before)
+            print(f"recipient {bob} connected through the LB, landed on {bob_on}")
+            for attempt in range(1, 11):
+                before = await gauges(urls)
+                attempt_stack = AsyncExitStack()
+                sender = await attempt_stack.enter_async_context(open_relay(args.lb, token(alice)))
+                alice_on = await landed_on(urls, before)
+                print(f"sender {alice} connection {attempt} landed on {alice_on}")
+                if alice_on != bob_on:
+                    stack.push_async_exit(attempt_stack)
+                    break
+                await attempt_stack.aclose()
+            else:
+                raise CheckFailed("10 sender connections all landed on the recipient's replica")
+            await exchange_one(sender, bob, recipient)
+            print(f"ok: message from {alice} on {alice_on} delivered to {bob} on {bob_on}, acked")
+
+
+async def failover(args: argparse.Namespace) -> None:
+    """Through the LB while one replica is down: both ends land on the survivor."""
+    bob, alice = mailbox("bob"), mailbox("alice")
+    with trio.fail_after(TIMEOUT_S):
+        async with (
+            connect_retrying(args.lb, bob, 20) as recipient,
+            connect_retrying(args.lb, alice, 20) as sender,
+        ):
+            await exchange_one(sender, bob, recipient)
+    print("ok: message exchanged through the LB with one replica stopped")
+
+
+async def drain(args: argparse.Namespace) -> None:
+    """A session open on a relay sees close 1001 when `command` stops that relay."""
+    carol = mailbox("carol")
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    with trio.fail_after(TIMEOUT_S):
+        async with open_relay(args.url, token(carol)) as client:
+            print(f"session {carol} open on {args.url}; running: {' '.join(command)}")
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.run_process, command)
+                try:
+                    message = await client.receive()
+                    raise CheckFailed(f"unexpected message {message!r}")
+                except ConnectionClosed:
+                    pass
+                closed_after = trio.current_time() - started
+            stopped_after = trio.current_time() - started
+    if client.close_code != 1001:
+        raise CheckFailed(f"session closed with {client.close_code}, expected 1001")
+    print(
+        f"ok: session closed with 1001 after {closed_after:.2f} s; "
+        f"the stop command returned after {stopped_after:.2f} s"
+    )
+
+
+FORBIDDEN = (
+    ("SAVE",),
+    ("BGSAVE",),
+    ("BGREWRITEAOF",),
+    ("CONFIG", "SET", "maxmemory-policy", "allkeys-lru"),
+    ("CONFIG", "SET", "save", "60 1"),
+    ("DEBUG", "SLEEP", "0"),
+    ("MONITOR",),
+    ("REPLICAOF", "NO", "ONE"),
+    ("FLUSHALL",),
+    ("KEYS", "*"),
+    ("SET", "not-relay:key", "x"),
+)
+
+
+def redis_acl(args: argparse.Namespace) -> None:
+    """The relay user may do its job and nothing listed in deploy/redis.conf; anonymous, nothing."""
+    password = os.environ["RELAY_REDIS_PASSWORD"]
+    relay = redis.Redis(port=args.port, username="relay", password=password, decode_responses=True)
+    try:
+        relay.ping()
+        settings = {
+            name: relay.config_get(name)[name]
+            for name in ("save", "appendonly", "maxmemory-policy", "slowlog-log-slower-than")
+        }
+        expected = {
+            "save": "",
+            "appendonly": "no",
+            "maxmemory-policy": "noeviction",
+            "slowlog-log-slower-than": "-1",
+        }
+        if settings != expected:
+            raise CheckFailed(f"Redis settings {settings}, expected {expected}")
+        print(f"ok: relay user reads CONFIG GET: {settings}")
+        for command in FORBIDDEN:
+            try:
+                relay.execute_command(*command)
+            except redis.ResponseError as exc:
+                print(f"ok: relay user refused {' '.join(command)}: {str(exc).split('.')[0]}")
+            else:
+                raise CheckFailed(f"relay user may run {' '.join(command)}")
+    finally:
+        relay.close()
+    anonymous = redis.Redis(port=args.port)
+    try:
+        anonymous.ping()
+        raise CheckFailed("an unauthenticated connection may PING")
+    except redis.AuthenticationError as exc:
+        print(f"ok: unauthenticated connection refused: {exc}")
+    finally:
+        anonymous.close()
+
+
+def policy(args: argparse.Namespace) -> None:
+    """The relay checked its Redis itself: /.well-known/relay-policy says persistence off."""
+    with urllib.request.urlopen(f"{args.ops}/.well-known/relay-policy", timeout=5) as response:
+        promise = json.load(response)
+    if promise["redis"] != {"persistence": "off", "maxmemory_policy": "noeviction"}:
+        raise CheckFailed(f"relay-policy redis: {promise['redis']}")
+    print(f"ok: {args.ops}/.well-known/relay-policy: redis {promise['redis']}")
+
+
+def describe(exc: BaseException) -> str:
+    """The innermost errors of an exception (group), for one FAIL line."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="check", required=True)
+    p = commands.add_parser("exchange")
+    p.add_argument("--lb", required=True)
+    p.add_argument("--metrics-a", required=True)
+    p.add_argument("--metrics-b", required=True)
+    p = commands.add_parser("failover")
+    p.add_argument("--lb", required=True)
+    p = commands.add_parser("drain")
+    p.add_argument("--url", required=True)
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p = commands.add_parser("redis-acl")
+    p.add_argument("--port", type=int, required=True)
+    p = commands.add_parser("policy")
+    p.add_argument("--ops", required=True)
+    args = parser.parse_args()
+
+    checks: dict[str, Callable[[argparse.Namespace], object]] = {
+        "exchange": lambda a: trio.run(exchange, a),
+        "failover": lambda a: trio.run(failover, a),
+        "drain": lambda a: trio.run(drain, a),
+        "redis-acl": redis_acl,
+        "policy": policy,
+    }
+    try:
+        checks[args.check](args)
+    except Exception as exc:  # a check failed, however deep in a nursery
+        print(f"FAIL: {args.check}: {describe(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
