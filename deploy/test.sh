@@ -436,7 +436,7 @@ cp -r "$repo/relay" "$repo/bench" "$ctx/"
 cp "$here/Dockerfile" "$ctx/deploy/"
 find "$ctx" -name __pycache__ -prune -exec rm -rf {} +
 "$work/wheel-venv/bin/pip" wheel -q --disable-pip-version-check --wheel-dir "$work/wheels" \
-  "$ctx" "setuptools>=68" wheel >"$work/wheels.log" 2>&1 || { show_log "$work/wheels.log"; fail "pip wheel"; }
+  "$ctx" "setuptools>=77" wheel >"$work/wheels.log" 2>&1 || { show_log "$work/wheels.log"; fail "pip wheel"; }
 # The project's own wheel is built by the Dockerfile's builder stage.
 find "$work/wheels" -name '*.whl' ! -name 'ephemeral_relay-*' -exec cp {} "$ctx/deploy/wheelhouse/" \;
 rm -rf "$ctx/build" "$ctx"/*.egg-info "$work/wheel-venv" "$work/wheels"

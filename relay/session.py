@@ -25,7 +25,7 @@ from relay import protocol
 from relay.codes import CLOSE_REASONS, CloseCode, ErrorCode
 from relay.config import Config
 from relay.errors import BadFrame, ClientError, RateLimited, RelayError, StorageUnavailable
-from relay.hub import Hub
+from relay.hub import REPLACED_PREFIX, Hub
 from relay.limits import FrameLimiter, Network
 from relay.logs import pseudonym
 from relay.metrics import Metrics
@@ -189,7 +189,8 @@ class Session:
         return code
 
     async def _serve(self) -> None:
-        start = await self._services.store.start_session(self.mailbox, f"!r {self.id}")
+        notice = REPLACED_PREFIX + self.id  # tells older sessions of the mailbox they are replaced
+        start = await self._services.store.start_session(self.mailbox, notice)
         self._services.metrics.expired.inc(start.expired)
         await self._send(
             protocol.encode_welcome(
