@@ -126,7 +126,10 @@ class RedisPump:
         """Run several commands in one batch; each result is a reply or an exception."""
         request = _Request(commands)
         try:
-            await self._send.send(request)
+            try:
+                self._send.send_nowait(request)  # no extra trip through the scheduler
+            except trio.WouldBlock:
+                await self._send.send(request)  # the queue is full: wait (backpressure)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise StorageUnavailable("the Redis pump is not running") from None
         try:
