@@ -12,15 +12,19 @@ registers it as a plugin; the marker keeps pytest from warning about that.
 from __future__ import annotations
 
 import base64
+import os
+import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
 import orjson
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from relay.client import Message, RelayClient
@@ -216,3 +220,133 @@ def keys_under(redis_client: RedisClient, prefix: str) -> list[str]:
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+# -- a tiny HTTP client for the ops port -----------------------------------------
+
+
+class HttpResponse(NamedTuple):
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def http(port: int, path: str, method: str = "GET") -> HttpResponse:
+    """One HTTP/1.1 request to 127.0.0.1:port; the ops server closes after answering."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+    if method == "POST":
+        head += "Content-Length: 0\r\n"
+    with trio.fail_after(DEADLINE_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all((head + "\r\n").encode())
+            data = bytearray()
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    raw_head, _, body = bytes(data).partition(b"\r\n\r\n")
+    status_line, *header_lines = raw_head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return HttpResponse(int(status_line.split()[1]), headers, body)
+
+
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+class Scrape(NamedTuple):
+    text: str
+    samples: dict[SampleKey, float]
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's value; 0 for one not exported yet (a labelled counter never hit)."""
+        return self.samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def scrape(port: int) -> Scrape:
+    response = await http(port, "/metrics")
+    assert response.status == 200, response
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.body.decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    return Scrape(text, samples)
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:12]}"
+
+
+@asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[RunningRelay]:
+    """A relay of our own (not the make_relay fixture's), shut down and waited for on exit,
+    so its shutdown happens inside the test body."""
+    done = trio.Event()
+
+    async def serve(*, task_status: trio.TaskStatus[RunningRelay]) -> None:
+        try:
+            await serve_relay(config, task_status=task_status)
+        finally:
+            done.set()
+
+    async with trio.open_nursery() as nursery:
+        running: RunningRelay = await nursery.start(serve)
+        try:
+            yield running
+        finally:
+            running.shutdown()
+            with trio.fail_after(TEARDOWN_S):
+                await done.wait()
+
+
+async def open_stalled_socket(
+    port: int, bearer: str, rcvbuf_bytes: int = 4096
+) -> trio.SocketStream:
+    """A WebSocket whose client completes the upgrade (Authorization header) and then never
+    reads again: a slow consumer. A small receive buffer makes the relay's sends block soon."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf_bytes)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    await stream.send_all(
+        (
+            "GET /v1 HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{port}\r\n"
+            "Upgrade: websocket\r\n"
+            "Connection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {bearer}\r\n"
+            "\r\n"
+        ).encode()
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = await stream.receive_some(1)  # no further than the response head
+        assert chunk, f"relay closed during the handshake: {response!r}"
+        response += chunk
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return stream
+
+
+# -- deliveries ------------------------------------------------------------------
+
+
+def msg_key(prefix: str, mailbox: str, message_id: str) -> str:
+    return f"{prefix}{{{mailbox}}}:msg:{message_id}"
+
+
+async def deliveries(ws: WebSocketConnection, n: int) -> list[dict[str, Any]]:
+    """Read frames until `n` messages were delivered (other frames are dropped)."""
+    messages: list[dict[str, Any]] = []
+    while len(messages) < n:
+        frame = await recv(ws)
+        if frame["type"] == "deliver":
+            messages += frame["messages"]
+    assert len(messages) == n, f"{len(messages)} delivered, expected {n}"
+    return messages

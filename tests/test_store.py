@@ -1,14 +1,15 @@
-"""The Redis mailbox store against a real Valkey/Redis, one test per contract point.
+"""The Redis mailbox store against a real Valkey/Redis, one test per contract point: TTLs,
+acks, fetch order, idempotent refs, expiry, pub/sub wake-ups, envelopes and message ids.
 
 protocol.md ("send", "ack", "The ephemerality contract") and design.md
 ("Redis: keys and TTLs") are the contract; `redis_client` looks at what the
 store really wrote. Every test has its own key prefix (the `prefix` fixture).
+Quotas and multi-recipient sends are in test_store_quota.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from typing import Any
 
 import orjson
@@ -17,60 +18,32 @@ import redis
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from store_helpers import (
+    DEADLINE_S,
+    keys_under,
+    msg_keys,
+    now_ms,
+    ref_keys,
+    wait_until_gone,
+    with_quota,
+    zcard,
+)
 
-from relay.codes import ErrorCode
 from relay.errors import MailboxFull
 from relay.redis_pump import RedisPump
 from relay.redis_sync import RedisClient
 from relay.store import Accepted
 from relay.store_redis import SEND, Quota, RedisMailboxStore, message_sent_ms, new_message_id
 
-DEADLINE_S = 10
 RETENTION_MS = 3600 * 1000  # the `store` fixture's retention
 
+
 _mailboxes = itertools.count()
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def keys_under(client: RedisClient, pattern: str) -> list[str]:
-    return sorted(client.scan_iter(match=pattern, count=1000))
 
 
 def pttl(client: RedisClient, key: str) -> int:
     value: int = client.pttl(key)
     return value
-
-
-def zcard(client: RedisClient, key: str) -> int:
-    value: int = client.zcard(key)
-    return value
-
-
-def with_quota(store: RedisMailboxStore, quota: Quota) -> RedisMailboxStore:
-    """Another store on the same pump and prefix, with a different quota."""
-    return RedisMailboxStore(
-        store.pump, prefix=store.prefix, retention_s=store.retention_s, quota=quota
-    )
-
-
-def msg_keys(client: RedisClient, store: RedisMailboxStore, mailbox: str) -> list[str]:
-    return keys_under(client, store.keys(mailbox).msg_prefix + "*")
-
-
-def ref_keys(client: RedisClient, store: RedisMailboxStore, mailbox: str) -> list[str]:
-    return keys_under(client, store.keys(mailbox).base + "ref:*")
-
-
-async def wait_until_gone(client: RedisClient, *keys: str, timeout_s: float = 5.0) -> None:
-    """Poll until Redis has expired these keys (a real TTL runs out; no mock clock)."""
-    with trio.fail_after(timeout_s):
-        while True:
-            if client.exists(*keys) == 0:
-                return
-            await trio.sleep(0.05)
 
 
 async def test_every_key_written_carries_a_ttl_within_retention(
@@ -281,132 +254,6 @@ async def test_expired_messages_leave_nothing_behind(
         assert (await store.start_session("bob")).expired == 1
         assert await store.fetch("bob", 0, 10) == []
     assert keys_under(redis_client, keys.base + "*") == []
-
-
-async def test_mailbox_full_when_message_quota_is_reached(
-    store: RedisMailboxStore, redis_client: RedisClient
-) -> None:
-    small = with_quota(store, Quota(max_messages=3, max_bytes=1 << 20))
-    t = now_ms()
-    with trio.fail_after(DEADLINE_S):
-        ids = [
-            (await small.send("alice", ["bob"], f"m{n}", 600, None, t)).ids["bob"] for n in range(3)
-        ]
-        with pytest.raises(MailboxFull) as refused:
-            await small.send("alice", ["bob"], "fourth", 600, "r4", t)
-        assert zcard(redis_client, small.keys("bob").idx) == 3
-        assert ref_keys(redis_client, small, "bob") == []
-        assert await small.ack("bob", [ids[0]]) == 1
-        fourth = await small.send("alice", ["bob"], "fourth", 600, "r4", t)
-    error = refused.value
-    assert error.code == ErrorCode.MAILBOX_FULL and error.code.value == "mailbox_full"
-    assert error.ref == "r4"
-    assert "bob" in error.message and "3 messages" in error.message
-    assert fourth.ids["bob"] not in ids
-
-
-async def test_mailbox_full_when_byte_quota_is_reached(
-    store: RedisMailboxStore, redis_client: RedisClient
-) -> None:
-    t = now_ms()
-    body = "x" * 300
-    with trio.fail_after(DEADLINE_S):
-        probe = await store.send("alice", ["probe"], body, 600, None, t)
-        size = int(redis_client.strlen(store.keys("probe").msg(probe.ids["probe"])))
-        max_bytes = 2 * size + size // 2  # room for two such messages, not three
-        small = with_quota(store, Quota(max_messages=100, max_bytes=max_bytes))
-        ids = [
-            (await small.send("alice", ["bob"], body, 600, None, t)).ids["bob"] for _ in range(2)
-        ]
-        with pytest.raises(MailboxFull) as refused:
-            await small.send("alice", ["bob"], body, 600, None, t)
-        assert zcard(redis_client, small.keys("bob").idx) == 2
-        # A smaller message still fits in the room that is left.
-        await small.send("alice", ["bob"], "tiny", 600, None, t)
-        assert await small.ack("bob", [ids[0]]) == 1
-        await small.send("alice", ["bob"], body, 600, None, t)
-    assert refused.value.code == ErrorCode.MAILBOX_FULL
-    assert f"{max_bytes} bytes" in refused.value.message
-
-
-async def test_expired_messages_do_not_count_against_the_quota(
-    store: RedisMailboxStore, redis_client: RedisClient
-) -> None:
-    t = now_ms()
-    body = "y" * 200
-    with trio.fail_after(DEADLINE_S):
-        probe = await store.send("alice", ["probe"], body, 600, None, t)
-        size = int(redis_client.strlen(store.keys("probe").msg(probe.ids["probe"])))
-        # Full by count and by bytes after three messages.
-        small = with_quota(store, Quota(max_messages=3, max_bytes=3 * size))
-        short = [
-            (await small.send("alice", ["bob"], body, 1, None, t)).ids["bob"] for _ in range(3)
-        ]
-        with pytest.raises(MailboxFull):
-            await small.send("alice", ["bob"], body, 600, None, t)
-        await wait_until_gone(redis_client, *(small.keys("bob").msg(i) for i in short))
-        for _ in range(3):
-            await small.send("alice", ["bob"], body, 600, None, t)
-        with pytest.raises(MailboxFull):
-            await small.send("alice", ["bob"], body, 600, None, t)
-        start = await small.start_session("bob")
-    assert (start.expired, start.waiting) == (3, 3)
-
-
-async def test_multi_recipient_send_stores_one_copy_per_recipient(
-    store: RedisMailboxStore, redis_client: RedisClient
-) -> None:
-    t = now_ms()
-    recipients = ["bob", "carol", "dave"]
-    with trio.fail_after(DEADLINE_S):
-        accepted = await store.send("alice", recipients, "to all", 600, "all-1", t)
-        assert sorted(accepted.ids) == sorted(recipients)
-        assert len(set(accepted.ids.values())) == 3
-        for mailbox in recipients:
-            (delivery,) = await store.fetch(mailbox, 0, 10)
-            assert delivery.id == accepted.ids[mailbox]
-            envelope = orjson.loads(delivery.envelope)
-            assert envelope["body"] == "to all" and envelope["from"] == "alice"
-            assert msg_keys(redis_client, store, mailbox) == [
-                store.keys(mailbox).msg(accepted.ids[mailbox])
-            ]
-            assert ref_keys(redis_client, store, mailbox) == [
-                store.keys(mailbox).ref("alice", "all-1")
-            ]
-
-
-@pytest.mark.parametrize("full_at", ["first", "last"])
-async def test_multi_recipient_send_is_all_or_nothing(
-    full_at: str, store: RedisMailboxStore, redis_client: RedisClient
-) -> None:
-    small = with_quota(store, Quota(max_messages=1))
-    t = now_ms()
-    recipients = ["carol", "bob", "dave"] if full_at == "first" else ["bob", "dave", "carol"]
-    with trio.fail_after(DEADLINE_S):
-        filler = (await small.send("zed", ["carol"], "filler", 600, None, t)).ids["carol"]
-        with pytest.raises(MailboxFull) as refused:
-            await small.send("alice", recipients, "hi", 600, "m-1", t)
-        assert refused.value.ref == "m-1" and "carol" in refused.value.message
-
-        # The copies stored for bob and dave are gone: no msg key, no idx entry,
-        # no ref record, no tally (nothing at all for those mailboxes).
-        for mailbox in ("bob", "dave"):
-            assert keys_under(redis_client, small.keys(mailbox).base + "*") == []
-            start = await small.start_session(mailbox)
-            assert (start.expired, start.waiting) == (0, 0)
-        assert msg_keys(redis_client, small, "carol") == [small.keys("carol").msg(filler)]
-        assert ref_keys(redis_client, small, "carol") == []
-
-        # Free carol's mailbox; a retry with the same ref stores one copy each.
-        assert await small.ack("carol", [filler]) == 1
-        retried = await small.send("alice", recipients, "hi", 600, "m-1", t + 1000)
-        assert await small.send("alice", recipients, "hi", 600, "m-1", t + 2000) == retried
-    assert len(set(retried.ids.values())) == 3
-    for mailbox in recipients:
-        keys = small.keys(mailbox)
-        assert msg_keys(redis_client, small, mailbox) == [keys.msg(retried.ids[mailbox])]
-        assert redis_client.zrange(keys.idx, 0, -1) == [retried.ids[mailbox]]
-        assert ref_keys(redis_client, small, mailbox) == [keys.ref("alice", "m-1")]
 
 
 async def test_send_publishes_seq_and_envelope_on_the_mailbox_channel(
