@@ -71,7 +71,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config = attrs.evolve(config, jwt_secret=secrets.token_urlsafe(32))
         _announce_development_secret(config)
     try:
-        if config.workers > 1 and config.worker_id is None:
+        if config.workers > 1:
             run_supervisor(config)
         else:
             trio.run(serve_until_signal, config)

@@ -190,7 +190,6 @@ OPTIONS: tuple[Option, ...] = (
         repeatable=True,
     ),
     Option("workers", "workers", int, "relay processes sharing the port (SO_REUSEPORT)"),
-    Option("worker-id", "worker_id", int, "set by the supervisor; do not use"),
     Option(
         "log-key",
         "log_key",
