@@ -124,6 +124,7 @@ async def serve_relay(
         async with trio.open_nursery() as background:
             await background.start(pump.run)
             await background.start(hub.run)
+            await background.start(services.ticker.run)
             ops_port = 0
             if config.ops_port:
                 endpoints = OpsEndpoints(

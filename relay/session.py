@@ -30,6 +30,7 @@ from relay.limits import FrameLimiter, Network
 from relay.logs import pseudonym
 from relay.metrics import Metrics
 from relay.store import MailboxStore, envelope_id
+from relay.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Services:
     limits: protocol.Limits
     metrics: Metrics
     trusted_proxies: tuple[Network, ...] = ()
+    ticker: Ticker = attrs.field(factory=Ticker)
     sessions: set[Session] = attrs.field(factory=set)
     connections: Counter[str] = attrs.field(factory=Counter)  # open connections by client address
     draining: bool = False  # shutting down: new sessions are closed with 1001 at once
@@ -87,16 +89,21 @@ class Credits:
 
 class Session:
     __slots__ = (
+        "__weakref__",
         "_cancel_scope",
         "_close_code",
         "_config",
         "_cursor",
         "_established",
+        "_expires",
         "_inflight",
-        "_loops",
         "_must_read",
+        "_next_ping",
+        "_next_read",
         "_notice_bytes",
         "_notices",
+        "_nursery",
+        "_pinging",
         "_services",
         "_token_expires_at_s",
         "_unacked",
@@ -125,7 +132,9 @@ class Session:
         self._established = False  # saw its own "replaced" notice come back
         self._close_code: CloseCode | None = None
         self._cancel_scope = trio.CancelScope()
-        self._loops: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._pinging = False
+        self._expires = self._next_ping = self._next_read = 0.0  # Trio clock; set at start
 
     # -- the hub's side ---------------------------------------------------
 
@@ -204,16 +213,44 @@ class Session:
             )
         )
         log.debug("session %s started, %d waiting", pseudonym(self.mailbox), start.waiting)
-        async with trio.open_nursery() as nursery:
-            self._loops = nursery.cancel_scope
-            nursery.start_soon(self._inbound)
-            nursery.start_soon(self._outbound)
-            nursery.start_soon(self._timers)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._inbound)
+                nursery.start_soon(self._outbound)
+                now = trio.current_time()
+                self._expires = now + max(self._token_expires_at_s - time.time(), 0.0)
+                self._next_ping = now + self._config.ping_interval_s
+                self._next_read = now + self._config.backstop_drain_s  # inf: no backstop
+                self._services.ticker.at(min(self._next_ping, self._next_read, self._expires), self)
+        finally:
+            self._nursery = None  # the ticker may still hold this session: start nothing more
 
     def _loop_ended(self) -> None:
         """When one loop ends (the peer closed, say), the others stop too."""
-        if self._loops is not None:
-            self._loops.cancel()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def tick(self, now: float) -> None:
+        """The ticker's call: token expiry, the backstop re-read, the keepalive ping."""
+        nursery = self._nursery
+        if nursery is None or self._close_code is not None or nursery.cancel_scope.cancel_called:
+            return
+        if now >= self._expires:
+            self.close(CloseCode.UNAUTHORIZED)
+            return
+        config = self._config
+        if now >= self._next_read:
+            # In case a notice was lost: read the mailbox from Redis.
+            self._must_read = True
+            self._wake.set()
+            self._next_read = now + config.backstop_drain_s
+        if now >= self._next_ping:
+            self._next_ping = now + config.ping_interval_s
+            if not self._pinging:
+                self._pinging = True
+                nursery.start_soon(self._ping)
+        self._services.ticker.at(min(self._next_ping, self._next_read, self._expires), self)
 
     async def _send(self, text: str) -> None:
         """Send a frame; a client that does not read within the deadline is closed (1008)."""
@@ -355,35 +392,15 @@ class Session:
         del self._notices[:used]
         return taken
 
-    async def _timers(self) -> None:
-        """Keepalive pings, the backstop re-read and the token's expiry, on one timer."""
+    async def _ping(self) -> None:
+        """One keepalive ping; a peer that answers none within idle_timeout is closed."""
         try:
-            config = self._config
-            now = trio.current_time()
-            expires = now + max(self._token_expires_at_s - time.time(), 0.0)
-            next_ping = now + config.ping_interval_s
-            next_read = now + config.backstop_drain_s  # inf turns the backstop off
-            while True:
-                await trio.sleep_until(min(next_ping, next_read, expires))
-                now = trio.current_time()
-                if now >= next_read:
-                    # In case a notice was lost: read the mailbox from Redis.
-                    self._must_read = True
-                    self._wake.set()
-                    next_read = now + config.backstop_drain_s
-                if now >= next_ping:
-                    with trio.move_on_after(min(config.idle_timeout_s, expires - now)) as scope:
-                        await self.ws.ping()
-                    now = trio.current_time()
-                    if scope.cancelled_caught and now < expires:
-                        log.info("session %s answered no ping; closing", pseudonym(self.mailbox))
-                        self.close(CloseCode.NORMAL)
-                        return
-                    next_ping = now + config.ping_interval_s
-                if now >= expires:
-                    self.close(CloseCode.UNAUTHORIZED)
-                    return
+            with trio.move_on_after(self._config.idle_timeout_s) as scope:
+                await self.ws.ping()
+            if scope.cancelled_caught:
+                log.info("session %s answered no ping; closing", pseudonym(self.mailbox))
+                self.close(CloseCode.NORMAL)
         except ConnectionClosed:
             pass
         finally:
-            self._loop_ended()
+            self._pinging = False
