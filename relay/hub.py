@@ -25,6 +25,7 @@ import trio
 
 from relay.errors import StorageUnavailable
 from relay.redis_conn import ConnectionLost, RedisConnection, pack
+from relay.store import envelope_id
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ REPLACED_PREFIX = "!r "  # a notice "!r <session id>"; message notices start wit
 class Subscriber(Protocol):
     """What the hub needs from a session."""
 
-    def on_message(self, seq: int, envelope: str) -> None: ...
+    def on_message(self, seq: int, message_id: str, envelope: str) -> None: ...
 
     def on_replaced(self, session_id: str) -> None: ...
 
@@ -89,12 +90,14 @@ class Hub:
                     nursery.start_soon(self._read, connection)
                     nursery.start_soon(self._control, connection)
                     nursery.start_soon(self._heartbeat, connection)
-            except* (ConnectionLost, trio.TooSlowError) as lost:
+            except* (ConnectionLost, trio.TooSlowError, redis.RedisError) as lost:
                 log.warning("pub/sub connection lost (%s); reconnecting", lost.exceptions[0])
             finally:
                 self.connected = False
                 self._active = set()
-                self._confirmed = {}  # who subscribes now waits for the new connection
+                # Confirmations of the old connection are void: who subscribes from now on
+                # waits for the new one; who was still waiting keeps waiting.
+                self._confirmed = {c: e for c, e in self._confirmed.items() if not e.is_set()}
                 self._changed.set()
                 await connection.aclose()
             await trio.sleep(self._retry_s)
@@ -184,5 +187,9 @@ class Hub:
                 subscriber.on_replaced(session_id)
             return
         seq, _, envelope = data.partition(" ")
+        message_id = envelope_id(envelope)
+        if not seq.isdigit() or message_id is None:
+            log.warning("ignored a notice the relay did not publish on a mailbox channel")
+            return
         for subscriber in list(subscribers):
-            subscriber.on_message(int(seq), envelope)
+            subscriber.on_message(int(seq), message_id, envelope)

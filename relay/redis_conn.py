@@ -54,7 +54,10 @@ class RedisConnection:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._reader = hiredis.Reader(
-            encoding="utf-8", replyError=_reply_error, protocolError=redis.InvalidResponse
+            encoding="utf-8",
+            errors="replace",  # the relay writes only UTF-8; anything else is not ours
+            replyError=_reply_error,
+            protocolError=redis.InvalidResponse,
         )
         self.idle_since = trio.current_time()
 

@@ -29,7 +29,7 @@ from relay.hub import REPLACED_PREFIX, Hub
 from relay.limits import FrameLimiter, Network
 from relay.logs import pseudonym
 from relay.metrics import Metrics
-from relay.store import MailboxStore, envelope_id
+from relay.store import MailboxStore
 from relay.ticker import Ticker
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ class Session:
         self._cursor = 0
         self._inflight = Credits(self._config.max_inflight)
         self._unacked: set[str] = set()
-        self._notices: list[tuple[int, str]] = []  # a list: an empty deque costs 600 bytes
+        # (seq, message id, envelope); a list: an empty deque costs 600 bytes
+        self._notices: list[tuple[int, str, str]] = []
         self._notice_bytes = 0
         self._must_read = True  # read the mailbox from Redis before trusting notices
         self._wake = trio.Event()
@@ -138,11 +139,11 @@ class Session:
 
     # -- the hub's side ---------------------------------------------------
 
-    def on_message(self, seq: int, envelope: str) -> None:
+    def on_message(self, seq: int, message_id: str, envelope: str) -> None:
         if self._notice_bytes + len(envelope) > NOTICE_BUFFER_BYTES:
             self.resync()
             return
-        self._notices.append((seq, envelope))
+        self._notices.append((seq, message_id, envelope))
         self._notice_bytes += len(envelope)
         self._wake.set()
 
@@ -382,13 +383,13 @@ class Session:
     def _take_notices(self, limit: int) -> list[tuple[int, str, str]]:
         taken: list[tuple[int, str, str]] = []
         used = 0
-        for seq, envelope in self._notices:
+        for notice in self._notices:
             if len(taken) == limit:
                 break
             used += 1
-            self._notice_bytes -= len(envelope)
-            if seq > self._cursor and (not taken or seq > taken[-1][0]):
-                taken.append((seq, envelope_id(envelope), envelope))
+            self._notice_bytes -= len(notice[2])
+            if notice[0] > self._cursor and (not taken or notice[0] > taken[-1][0]):
+                taken.append(notice)
         del self._notices[:used]
         return taken
 

@@ -63,6 +63,10 @@ class MailboxStore(Protocol):
         ...
 
 
-def envelope_id(envelope: str) -> str:
-    """The message id of an envelope, which always starts `{"id":"<id>",`."""
-    return envelope[7 : envelope.index('"', 7)]
+def envelope_id(envelope: str) -> str | None:
+    """The message id of an envelope, which always starts `{"id":"<id>",`; None for
+    anything else (a notice the relay did not publish)."""
+    if not envelope.startswith('{"id":"'):
+        return None
+    end = envelope.find('"', 7)
+    return envelope[7:end] if end > 7 else None

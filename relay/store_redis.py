@@ -200,10 +200,12 @@ class RedisMailboxStore:
     async def fetch(self, mailbox: str, after: int, limit: int) -> list[Delivery]:
         keys = self.keys(mailbox)
         flat = await self._script(FETCH, (keys.idx,), (keys.msg_prefix, after, limit))
-        return [
-            Delivery(seq=int(flat[i]), id=envelope_id(flat[i + 1]), envelope=flat[i + 1])
-            for i in range(0, len(flat), 2)
-        ]
+        deliveries = []
+        for i in range(0, len(flat), 2):
+            message_id = envelope_id(flat[i + 1])
+            if message_id is not None:  # every envelope the store wrote has one
+                deliveries.append(Delivery(int(flat[i]), message_id, flat[i + 1]))
+        return deliveries
 
     async def ack(self, mailbox: str, ids: Sequence[str]) -> int:
         keys = self.keys(mailbox)
