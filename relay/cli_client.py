@@ -23,18 +23,13 @@ from relay.auth import mint_token
 from relay.client import RelayClientError, open_relay
 from relay.policy import parse_duration
 
+_duration = relay_config.argparse_type(parse_duration)
+
 if TYPE_CHECKING:
     from relay.cli import Subparsers
 
 TOKEN_OPTIONS = ("jwt-secret", "jwt-audience", "jwt-issuer")
 DEFAULT_URL = "ws://127.0.0.1:8080/v1"
-
-
-def _duration(text: str) -> int:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_identity(parser: argparse.ArgumentParser) -> None:

@@ -203,7 +203,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-def _for_argparse(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """argparse shows an ArgumentTypeError's own message, and hides a ValueError's."""
 
     def convert(text: str) -> Any:
@@ -235,7 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser, flags: Iterable[str] | None =
             parser.add_argument(
                 f"--{option.flag}",
                 dest=option.field,
-                type=_for_argparse(option.parse),
+                type=argparse_type(option.parse),
                 action="append" if option.repeatable else "store",
                 default=argparse.SUPPRESS,
                 help=option.help,

@@ -56,7 +56,6 @@ async def handle_request(request: WebSocketRequest, services: Services, verifier
     # Counted from before the upgrade, so handshakes arriving together cannot pass a cap together.
     services.connections[address] += 1
     metrics = services.metrics
-    metrics.connections.inc()
     metrics.connections_opened.inc()
     code: int = CloseCode.NORMAL
     try:
@@ -79,7 +78,6 @@ async def handle_request(request: WebSocketRequest, services: Services, verifier
         services.connections[address] -= 1
         if services.connections[address] <= 0:
             del services.connections[address]
-        metrics.connections.dec()
         metrics.connections_closed.labels(str(code)).inc()
 
 

@@ -121,6 +121,7 @@ async def serve_relay(
             metrics=metrics,
             trusted_proxies=parse_networks(config.trusted_proxies),
         )
+        metrics.connections.set_function(services.connections.total)
         async with trio.open_nursery() as background:
             await background.start(pump.run)
             await background.start(hub.run)

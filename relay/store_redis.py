@@ -26,7 +26,8 @@ import attrs
 import orjson
 import redis
 
-from relay.errors import MailboxFull, RelayError, StorageUnavailable
+from relay import policy
+from relay.errors import ClientError, MailboxFull, RelayError, StorageUnavailable
 from relay.redis_pump import Command, LuaScript, RedisPump
 from relay.store import Accepted, Delivery, SessionStart, envelope_id
 
@@ -125,7 +126,7 @@ class RedisMailboxStore:
         ref: str | None,
         now_ms: int,
     ) -> Accepted:
-        expires_at_ms = now_ms + ttl_s * 1000
+        expires_at_ms = policy.expires_at_ms(now_ms, ttl_s)
         tail = orjson.dumps(
             {"from": sender, "body": body, "sent_at": now_ms, "expires_at": expires_at_ms}
         ).decode()[1:]
@@ -164,11 +165,11 @@ class RedisMailboxStore:
                     expires_at_ms = int(prior_expiry)
             else:
                 failure = failure or MailboxFull(
-                    f"mailbox {recipient} is full ({result[2]} {result[1]} at most)", ref=ref
+                    f"mailbox {recipient} is full ({result[2]} {result[1]} at most)"
                 )
         if failure is not None:
             await self._unsend(sender, ref, stored)
-            if isinstance(failure, StorageUnavailable | MailboxFull):
+            if isinstance(failure, ClientError):
                 failure.ref = ref
             raise failure
         return Accepted(ids=ids, expires_at_ms=expires_at_ms)
