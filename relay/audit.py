@@ -3,9 +3,13 @@
 Contract points 2 and 5 (protocol.md): every key under the prefix must carry a
 TTL no longer than the retention window. The audit walks the keys with SCAN
 (never KEYS, which blocks the server) and asks PTTL in pipelined batches; it
-never reads a value, so no message body can reach its report. Messages are
-counted, and their age is told, from their key names alone: a message id
-starts with its send time (relay.store_redis.message_sent_ms).
+never reads a message, so no body can reach its report. Messages are counted,
+and their age is told, from their key names alone: a message id starts with
+its send time (relay.store_redis.message_sent_ms).
+
+Contract point 1 for metadata: a ref record whose message is gone may live
+only for the dedupe window. The audit reads ref records (they hold a message
+id, an expiry and a hash; no body) and flags those that outlive it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ class AuditReport:
     without_ttl_listed: tuple[str, ...]
     over_retention: int
     over_retention_listed: tuple[tuple[str, int], ...]  # (key, PTTL in ms)
+    dedupe_window_s: int
+    ref_records: int
+    stale_refs: int  # ref records of a message that is gone, with a TTL over the dedupe window
+    stale_refs_listed: tuple[tuple[str, int], ...]
     settings: RedisSettings
     settings_violations: tuple[str, ...]
     warnings: tuple[str, ...]
@@ -49,6 +57,11 @@ class AuditReport:
             found.append(
                 f"{self.over_retention} keys under {self.prefix!r} have a TTL longer "
                 f"than the retention window of {self.retention_s} s"
+            )
+        if self.stale_refs:
+            found.append(
+                f"{self.stale_refs} ref records of delivered or expired messages outlive "
+                f"the dedupe window of {self.dedupe_window_s} s"
             )
         return found
 
@@ -69,6 +82,12 @@ class AuditReport:
                 "count": self.over_retention,
                 "listed": [{"key": k, "ttl_ms": t} for k, t in self.over_retention_listed],
             },
+            "dedupe_window_s": self.dedupe_window_s,
+            "ref_records": self.ref_records,
+            "stale_ref_records": {
+                "count": self.stale_refs,
+                "listed": [{"key": k, "ttl_ms": t} for k, t in self.stale_refs_listed],
+            },
             "settings": attrs.asdict(self.settings),
             "violations": self.violations,
             "warnings": self.warnings,
@@ -88,6 +107,10 @@ class AuditReport:
             *(f"  {key}" for key in self.without_ttl_listed),
             f"keys with a TTL over the retention window: {self.over_retention}",
             *(f"  {key} (TTL {ttl_ms} ms)" for key, ttl_ms in self.over_retention_listed),
+            f"ref records: {self.ref_records}",
+            f"ref records outliving the dedupe window ({self.dedupe_window_s} s) "
+            f"with their message gone: {self.stale_refs}",
+            *(f"  {key} (TTL {ttl_ms} ms)" for key, ttl_ms in self.stale_refs_listed),
             f"save {self.settings.save!r}, appendonly {self.settings.appendonly!r}, "
             f"maxmemory-policy {self.settings.maxmemory_policy!r}",
             *(f"warning: {w}" for w in self.warnings),
@@ -97,15 +120,37 @@ class AuditReport:
         return "\n".join(lines)
 
 
-def _message_id(key: str, prefix: str) -> str | None:
-    """The message id in `<prefix>{<mailbox>}:msg:<id>`, or None for other keys.
+def _split(key: str, prefix: str) -> tuple[str, str, str] | None:
+    """`<prefix>{<mailbox>}:<kind>:<rest>` as (`<prefix>{<mailbox>}:`, kind, rest).
 
     Mailbox ids cannot contain `}`, so the first `}` closes the hash tag.
     """
-    _, brace, rest = key[len(prefix) :].partition("}")
-    if not brace or not rest.startswith(":msg:"):
+    head, brace, tail = key[len(prefix) :].partition("}")
+    kind, colon, rest = tail[1:].partition(":")
+    if not brace or not tail.startswith(":") or not colon:
         return None
-    return rest[len(":msg:") :]
+    return f"{prefix}{head}}}:", kind, rest
+
+
+def _stale_refs(
+    client: RedisClient, refs: list[tuple[str, int]], base_of: dict[str, str], window_ms: int
+) -> Iterator[tuple[str, int]]:
+    """The ref records (key, PTTL) over the dedupe window whose message is gone."""
+    long_lived = [(key, pttl) for key, pttl in refs if pttl > window_ms]
+    for start in range(0, len(long_lived), BATCH):
+        batch = long_lived[start : start + BATCH]
+        with client.pipeline(transaction=False) as pipe:
+            for key, _ in batch:
+                pipe.get(key)
+            records = pipe.execute()
+        with client.pipeline(transaction=False) as pipe:
+            for (key, _), record in zip(batch, records, strict=True):
+                message_id = str(record or "").partition(" ")[0]
+                pipe.exists(f"{base_of[key]}msg:{message_id}")
+            present = pipe.execute()
+        for (key, pttl), exists in zip(batch, present, strict=True):
+            if not exists:
+                yield key, pttl
 
 
 def _pttls(client: RedisClient, prefix: str) -> Iterator[tuple[str, int]]:
@@ -125,6 +170,7 @@ def audit(
     now_ms: int,
     allow_persistent: bool = False,
     allow_eviction: bool = False,
+    dedupe_window_s: int = 600,
 ) -> AuditReport:
     """Audit the keys under `prefix` and the server's persistence and eviction settings.
 
@@ -136,6 +182,8 @@ def audit(
     without_ttl_listed: list[str] = []
     over_retention_listed: dict[str, int] = {}
     oldest_sent_ms: int | None = None
+    refs: list[tuple[str, int]] = []
+    base_of: dict[str, str] = {}
     for key, pttl in _pttls(client, prefix):
         if pttl == -2:  # expired since SCAN returned it
             continue
@@ -148,12 +196,16 @@ def audit(
             over_retention += 1
             if len(over_retention_listed) < LISTED_MAX:
                 over_retention_listed[key] = pttl
-        message_id = _message_id(key, prefix)
-        if message_id is not None:
+        parts = _split(key, prefix)
+        if parts is not None and parts[1] == "ref":
+            refs.append((key, pttl))
+            base_of[key] = parts[0]
+        elif parts is not None and parts[1] == "msg":
             messages += 1
-            sent_ms = message_sent_ms(message_id)
+            sent_ms = message_sent_ms(parts[2])
             if sent_ms is not None and (oldest_sent_ms is None or sent_ms < oldest_sent_ms):
                 oldest_sent_ms = sent_ms
+    stale = list(_stale_refs(client, refs, base_of, dedupe_window_s * 1000))
     settings = read_settings(client)
     settings_violations, warnings = evaluate_settings(
         settings, allow_persistent=allow_persistent, allow_eviction=allow_eviction
@@ -168,6 +220,10 @@ def audit(
         without_ttl_listed=tuple(without_ttl_listed),
         over_retention=over_retention,
         over_retention_listed=tuple(over_retention_listed.items()),
+        dedupe_window_s=dedupe_window_s,
+        ref_records=len(refs),
+        stale_refs=len(stale),
+        stale_refs_listed=tuple(stale[:LISTED_MAX]),
         settings=settings,
         settings_violations=tuple(settings_violations),
         warnings=tuple(warnings),

@@ -20,7 +20,7 @@ from trio_websocket import ConnectionClosed, HandshakeError
 
 from relay import config as relay_config
 from relay.auth import mint_token
-from relay.client import RelayClientError, open_relay
+from relay.client import RelayClientError, new_ref, open_relay
 from relay.policy import parse_duration
 
 _duration = relay_config.argparse_type(parse_duration)
@@ -98,6 +98,10 @@ def add_send_command(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--ttl", type=_duration, help="how long the message may wait (default: retention)"
     )
+    parser.add_argument(
+        "--ref",
+        help="idempotency key: a retry with the same ref stores one copy (default: random)",
+    )
     parser.add_argument("text", help="the message body")
     parser.set_defaults(run=run_send)
 
@@ -110,7 +114,8 @@ def run_send(args: argparse.Namespace) -> int:
     async def send() -> None:
         async with open_relay(args.url, token) as relay:
             to = args.to[0] if len(args.to) == 1 else args.to
-            accepted = await relay.send(to, args.text, ttl_s=args.ttl)
+            ref = args.ref if args.ref is not None else new_ref()
+            accepted = await relay.send(to, args.text, ttl_s=args.ttl, ref=ref)
             print(orjson.dumps(accepted).decode())
 
     return _run(args, send)

@@ -6,14 +6,16 @@
             print(message.body)
             await relay.ack([message.id])
 
-Sends carry a generated `ref` unless one is given (so a retry with the same
-ref is safe); pass `ref=None` to send without one.
+Sends carry a random `ref` unless one is given (so a retry with the same ref
+is safe; a ref is never reused for another request); pass `ref=None` to send
+without one. `welcome["epoch"]` names the storage's life: when it differs from
+the one a client saw before, queued messages may have been lost.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -26,6 +28,12 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 SUBPROTOCOL = "relay.v1"
 _AUTO = "auto"
+
+
+def new_ref() -> str:
+    """A ref that never repeats (128 random bits): the relay remembers a send's ref
+    for the message's whole ttl, across connections and processes."""
+    return secrets.token_urlsafe(16)
 
 
 class RelayClientError(Exception):
@@ -56,7 +64,6 @@ class RelayClient:
     def __init__(self, ws: WebSocketConnection, welcome: dict[str, Any]) -> None:
         self.ws = ws
         self.welcome = welcome
-        self._refs = (f"c-{n}" for n in itertools.count(1))
         self._by_ref: dict[str, _Pending] = {}
         self._unreferenced: deque[_Pending] = deque()  # sends without ref, answered in order
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](math.inf)
@@ -79,7 +86,7 @@ class RelayClient:
         if ttl_s is not None:
             frame["ttl"] = ttl_s
         if ref == _AUTO:
-            ref = next(self._refs)
+            ref = new_ref()
         pending = _Pending()
         if ref is None:
             self._unreferenced.append(pending)
@@ -95,7 +102,7 @@ class RelayClient:
         if not wait:
             await self.ws.send_message(orjson.dumps(frame).decode())
             return None
-        ref = frame["ref"] = next(self._refs)
+        ref = frame["ref"] = new_ref()
         pending = self._by_ref[ref] = _Pending()
         await self.ws.send_message(orjson.dumps(frame).decode())
         count: int = (await self._answer(pending))["count"]

@@ -12,6 +12,7 @@ class ErrorCode(StrEnum):
     BAD_RECIPIENT = "bad_recipient"
     TTL_TOO_LONG = "ttl_too_long"
     RATE_LIMITED = "rate_limited"
+    REF_CONFLICT = "ref_conflict"
     MAILBOX_FULL = "mailbox_full"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     INTERNAL = "internal"

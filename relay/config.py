@@ -33,6 +33,7 @@ class Config:
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     retention_s: int = 7 * 24 * 3600
+    dedupe_window_s: int = 600  # an acked message's ref record lives this long (late retries)
     max_body_bytes: int = 64 * 1024
     max_inflight: int = 256
     max_recipients: int = 100
@@ -133,6 +134,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwt-audience", "jwt_audience", str, "required `aud` of tokens"),
     Option("jwt-issuer", "jwt_issuer", str, "required `iss` of tokens"),
     Option("retention", "retention_s", parse_duration, "longest time a message is kept (e.g. 7d)"),
+    Option(
+        "dedupe-window",
+        "dedupe_window_s",
+        parse_duration,
+        "how long a delivered message's ref is remembered for retries (e.g. 10m)",
+    ),
     Option("max-body-bytes", "max_body_bytes", int, "largest message body in UTF-8 bytes"),
     Option("max-inflight", "max_inflight", int, "delivered-but-unacked messages per session"),
     Option("max-recipients", "max_recipients", int, "recipients of one send"),
@@ -306,6 +313,7 @@ def _validate(config: Config) -> None:
         "max_connections_per_ip",
         "workers",
         "retention_s",
+        "dedupe_window_s",
         "max_body_bytes",
         "max_inflight",
         "max_recipients",

@@ -42,6 +42,12 @@ class RateLimited(ClientError):
     code = ErrorCode.RATE_LIMITED
 
 
+class RefConflict(ClientError):
+    """A `ref` reused for a different request: nothing is stored."""
+
+    code = ErrorCode.REF_CONFLICT
+
+
 class MailboxFull(ClientError):
     code = ErrorCode.MAILBOX_FULL
 

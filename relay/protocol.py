@@ -201,6 +201,7 @@ def encode_welcome(
     max_inflight: int,
     server_time_ms: int,
     expired: int,
+    epoch: str,
 ) -> str:
     return _dumps(
         {
@@ -212,17 +213,23 @@ def encode_welcome(
             "max_inflight": max_inflight,
             "server_time": server_time_ms,
             "expired": expired,
+            "epoch": epoch,
         }
     )
 
 
-def encode_accepted(ref: str | None, ids: Mapping[str, str], expires_at_ms: int) -> str:
-    """`ids` maps each recipient to the id of its copy; `ref` is left out when None."""
+def encode_accepted(
+    ref: str | None, ids: Mapping[str, str], expires_at_ms: int, duplicate: bool = False
+) -> str:
+    """`ids` maps each recipient to the id of its copy; `ref` is left out when None;
+    `duplicate` (a retry of a request stored before) only when true."""
     frame: dict[str, Any] = {"type": "accepted"}
     if ref is not None:
         frame["ref"] = ref
     frame["ids"] = dict(ids)
     frame["expires_at"] = expires_at_ms
+    if duplicate:
+        frame["duplicate"] = True
     return _dumps(frame)
 
 

@@ -101,6 +101,7 @@ async def serve_relay(
             pump,
             prefix=config.key_prefix,
             retention_s=config.retention_s,
+            dedupe_window_s=config.dedupe_window_s,
             quota=Quota(config.max_mailbox_messages, config.max_mailbox_bytes),
         )
         hub = Hub(
@@ -276,6 +277,7 @@ def _policy(config: Config, settings: RedisSettings) -> dict[str, Any]:
         "max_ttl_s": config.retention_s,
         "max_body_bytes": config.max_body_bytes,
         "message_deleted_on": ["ack", "ttl"],
+        "dedupe_window_s": min(config.dedupe_window_s, config.retention_s),
         "redis": {
             "persistence": "unverified"
             if settings.save is None or settings.appendonly is None

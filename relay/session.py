@@ -211,6 +211,7 @@ class Session:
                 self._config.max_inflight,
                 now_ms(),
                 start.expired,
+                start.epoch,
             )
         )
         log.debug("session %s started, %d waiting", pseudonym(self.mailbox), start.waiting)
@@ -315,9 +316,12 @@ class Session:
             accepted = await store.send(
                 self.mailbox, frame.to, frame.body, frame.ttl_s, frame.ref, now_ms()
             )
-            self._services.metrics.accepted.inc(len(accepted.ids))
+            if not accepted.duplicate:
+                self._services.metrics.accepted.inc(len(accepted.ids))
             await self._send(
-                protocol.encode_accepted(frame.ref, accepted.ids, accepted.expires_at_ms)
+                protocol.encode_accepted(
+                    frame.ref, accepted.ids, accepted.expires_at_ms, accepted.duplicate
+                )
             )
         elif isinstance(frame, protocol.AckFrame):
             count = await store.ack(self.mailbox, frame.ids)

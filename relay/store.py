@@ -14,6 +14,7 @@ class Accepted:
 
     ids: Mapping[str, str]
     expires_at_ms: int
+    duplicate: bool = False  # a retry of a request stored before: nothing new was stored
 
 
 @attrs.frozen
@@ -35,6 +36,7 @@ class SessionStart:
 
     expired: int  # messages that expired unacknowledged since the last session
     waiting: int
+    epoch: str = ""  # names the storage's life: it changes when the storage lost everything
 
 
 class MailboxStore(Protocol):

@@ -1,12 +1,19 @@
 """The Redis implementation of the mailbox store.
 
-Keys of mailbox m, with the configurable prefix `relay:` (see design.md):
+Keys of mailbox m, with the configurable prefix `relay:` (see README's "What is stored"):
 
-    relay:{m}:msg:<id>              string  one envelope; PX = the message's ttl, set once
-    relay:{m}:idx                   zset    id -> seq; PX >= its longest-lived member's ttl
-    relay:{m}:tally                 hash    n (pending count), b (pending bytes); PX = retention
-    relay:{m}:ref:<len>:<from>:<ref> string "<id> <expires_at_ms>"; PX = the message's ttl
-    relay:{m}:ch                    channel the store publishes "<seq> <envelope>" on
+    relay:{m}:msg:<id>   string  "<tag>\n<envelope>"; PX = the message's ttl, set once
+    relay:{m}:idx        zset    id -> seq; PX >= its longest-lived member's ttl
+    relay:{m}:tally      hash    n (pending count), b (pending bytes); PX = retention
+    relay:{m}:ref:<tag>  string  "<id> <expires_at_ms> <fingerprint>"; PX = the message's
+                                 ttl, cut to the dedupe window when the message is acked
+    relay:{m}:ch         channel the store publishes "<seq> <envelope>" on
+    relay:epoch          string  the storage's epoch; PX = retention, refreshed by use
+
+A ref record's tag is a keyed-free hash of (sender, ref): it names neither, and
+with random refs cannot be linked to a sender. The fingerprint is a hash of the
+request (recipients, body, ttl), so a reused ref with another request is told
+apart from a retry without keeping the body.
 
 Every write happens inside one Lua script per mailbox (relay/lua/), and every
 key it writes gets a TTL in the same script. Message ids start with the send
@@ -16,8 +23,11 @@ from its key name without reading its body.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import secrets
+import time
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -27,7 +37,13 @@ import orjson
 import redis
 
 from relay import policy
-from relay.errors import ClientError, MailboxFull, RelayError, StorageUnavailable
+from relay.errors import (
+    ClientError,
+    MailboxFull,
+    RefConflict,
+    RelayError,
+    StorageUnavailable,
+)
 from relay.redis_pump import Command, LuaScript, RedisPump
 from relay.store import Accepted, Delivery, SessionStart, envelope_id
 
@@ -38,7 +54,31 @@ def _load(name: str) -> LuaScript:
     return LuaScript(name, source)
 
 
-SEND, FETCH, ACK, START = (_load(n) for n in ("send", "fetch", "ack", "start"))
+SEND, FETCH, ACK, START, EPOCH = (_load(n) for n in ("send", "fetch", "ack", "start", "epoch"))
+
+TAG_BYTES = 22  # as in common.lua
+NO_REF = "." * TAG_BYTES  # the tag of a message sent without a ref (not base64url)
+EPOCH_REFRESH_S = 1.0  # sends refresh the epoch's TTL at most this often per process
+
+
+def _digest(*parts: str) -> str:
+    """SHA-256 over a length-prefixed encoding of `parts`, base64url, 132 bits."""
+    hasher = hashlib.sha256()
+    for part in parts:
+        data = part.encode()
+        hasher.update(len(data).to_bytes(4, "big"))
+        hasher.update(data)
+    return base64.urlsafe_b64encode(hasher.digest()).decode()[:TAG_BYTES]
+
+
+def ref_tag(sender: str, ref: str) -> str:
+    """The hash naming a ref record: neither the sender nor the ref appears in clear."""
+    return _digest("ref", sender, ref)
+
+
+def fingerprint(recipients: Sequence[str], body: str, ttl_s: int) -> str:
+    """What a ref record remembers of its request, to tell a retry from a reuse."""
+    return _digest("req", *sorted(recipients), "", body, str(ttl_s))
 
 
 def new_message_id(now_ms: int) -> str:
@@ -88,8 +128,12 @@ class Keys:
     def msg(self, message_id: str) -> str:
         return self.base + "msg:" + message_id
 
+    @property
+    def ref_prefix(self) -> str:
+        return self.base + "ref:"
+
     def ref(self, sender: str, ref: str) -> str:
-        return f"{self.base}ref:{len(sender)}:{sender}:{ref}"
+        return self.ref_prefix + ref_tag(sender, ref)
 
 
 @attrs.frozen
@@ -107,12 +151,15 @@ class RedisMailboxStore:
         *,
         prefix: str = "relay:",
         retention_s: int = 7 * 24 * 3600,
+        dedupe_window_s: int = 600,
         quota: Quota = Quota(),
     ) -> None:
         self.pump = pump
         self.prefix = prefix
         self.retention_s = retention_s
+        self.dedupe_window_s = dedupe_window_s
         self.quota = quota
+        self._epoch_refreshed = -EPOCH_REFRESH_S  # time.monotonic() of the last refresh
 
     def keys(self, mailbox: str) -> Keys:
         return Keys.of(self.prefix, mailbox)
@@ -131,10 +178,11 @@ class RedisMailboxStore:
             {"from": sender, "body": body, "sent_at": now_ms, "expires_at": expires_at_ms}
         ).decode()[1:]
         ids = {r: new_message_id(now_ms) for r in recipients}
+        tag = NO_REF if ref is None else ref_tag(sender, ref)
+        request = "" if ref is None else fingerprint(recipients, body, ttl_s)
         commands = []
         for recipient, message_id in ids.items():
             keys = self.keys(recipient)
-            ref_key = keys.ref(sender, ref) if ref is not None else keys.base + "ref:-"
             args = (
                 message_id,
                 f'{{"id":"{message_id}",{tail}',
@@ -143,47 +191,57 @@ class RedisMailboxStore:
                 self.quota.max_bytes,
                 keys.channel,
                 "0" if ref is None else "1",
-                f"{message_id} {expires_at_ms}",
+                f"{message_id} {expires_at_ms} {request}",
                 self.retention_s * 1000,
+                request,
+                tag,
             )
             commands.append(
-                Command.call(SEND, (keys.idx, keys.tally, keys.msg(message_id), ref_key), args)
+                Command.call(
+                    SEND, (keys.idx, keys.tally, keys.msg(message_id), keys.ref_prefix + tag), args
+                )
             )
+        commands.extend(self._epoch_refresh())
         results = await self.pump.execute_many(commands)
 
         stored: list[tuple[str, str]] = []  # copies this call created
+        duplicate = False
         failure: Exception | None = None
-        for recipient, result in zip(recipients, results, strict=True):
-            if isinstance(result, Exception):
-                failure = failure or _storage_error(result)
-            elif result[0] == 0:
-                stored.append((recipient, ids[recipient]))
-            elif result[0] == 1:
-                prior_id, prior_expiry = str(result[1]).split(" ")
-                ids[recipient] = prior_id
-                if len(stored) == 0:
+        for recipient, result in zip(recipients, results, strict=False):
+            try:
+                if isinstance(result, Exception):
+                    raise _storage_error(result)
+                if result[0] == 0:
+                    stored.append((recipient, ids[recipient]))
+                elif result[0] == 1:
+                    prior_id, prior_expiry, _ = str(result[1]).split(" ")
+                    ids[recipient] = prior_id
                     expires_at_ms = int(prior_expiry)
-            else:
-                failure = failure or MailboxFull(
-                    f"mailbox {recipient} is full ({result[2]} {result[1]} at most)"
-                )
+                    duplicate = True
+                elif result[0] == 2:
+                    raise RefConflict(f"ref {ref!r} was used before for another request")
+                else:
+                    raise MailboxFull(
+                        f"mailbox {recipient} is full ({result[2]} {result[1]} at most)"
+                    )
+            except Exception as exc:  # also a ref record the relay cannot read
+                failure = failure or exc
         if failure is not None:
-            await self._unsend(sender, ref, stored)
+            # All or nothing: whatever went wrong, the copies this call stored go.
+            await self._unsend(ref, tag, stored)
             if isinstance(failure, ClientError):
                 failure.ref = ref
             raise failure
-        return Accepted(ids=ids, expires_at_ms=expires_at_ms)
+        return Accepted(ids=ids, expires_at_ms=expires_at_ms, duplicate=duplicate)
 
-    async def _unsend(self, sender: str, ref: str | None, stored: list[tuple[str, str]]) -> None:
+    async def _unsend(self, ref: str | None, tag: str, stored: list[tuple[str, str]]) -> None:
         """Delete the copies one failed send stored, with their idempotency records."""
         commands = []
         for recipient, message_id in stored:
             keys = self.keys(recipient)
-            commands.append(
-                Command.call(ACK, (keys.idx, keys.tally, keys.msg(message_id)), (message_id,))
-            )
+            commands.append(self._ack_command(keys, [message_id]))
             if ref is not None:
-                commands.append(Command(("DEL", keys.ref(sender, ref))))
+                commands.append(Command(("DEL", keys.ref_prefix + tag)))
         if commands:
             for result in await self.pump.execute_many(commands):
                 if isinstance(result, Exception):
@@ -191,12 +249,34 @@ class RedisMailboxStore:
 
     async def start_session(self, mailbox: str, notice: str = "") -> SessionStart:
         keys = self.keys(mailbox)
-        expired, waiting, _ = await self._script(
+        start = Command.call(
             START,
             (keys.idx, keys.tally),
             (keys.msg_prefix, self.retention_s * 1000, keys.channel, notice),
         )
-        return SessionStart(expired=int(expired), waiting=int(waiting))
+        epoch = self._epoch_command()
+        started, current = await self.pump.execute_many([start, epoch])
+        for result in (started, current):
+            if isinstance(result, Exception):
+                raise _storage_error(result)
+        self._epoch_refreshed = time.monotonic()
+        expired, waiting, _ = started
+        return SessionStart(expired=int(expired), waiting=int(waiting), epoch=str(current))
+
+    def _epoch_command(self) -> Command:
+        """Read the storage's epoch, making a new one when Redis lost it, and keep it
+        alive as long as anything it covers (its TTL is the retention, from its last use)."""
+        return Command.call(
+            EPOCH, (self.prefix + "epoch",), (secrets.token_urlsafe(12), self.retention_s * 1000)
+        )
+
+    def _epoch_refresh(self) -> list[Command]:
+        """The epoch refresh a send carries, at most once per EPOCH_REFRESH_S."""
+        now = time.monotonic()
+        if now - self._epoch_refreshed < EPOCH_REFRESH_S:
+            return []
+        self._epoch_refreshed = now
+        return [self._epoch_command()]
 
     async def fetch(self, mailbox: str, after: int, limit: int) -> list[Delivery]:
         keys = self.keys(mailbox)
@@ -209,12 +289,18 @@ class RedisMailboxStore:
         return deliveries
 
     async def ack(self, mailbox: str, ids: Sequence[str]) -> int:
-        keys = self.keys(mailbox)
-        unique = list(dict.fromkeys(ids))
-        deleted = await self._script(
-            ACK, (keys.idx, keys.tally, *(keys.msg(i) for i in unique)), unique
-        )
+        (deleted,) = await self.pump.execute_many([self._ack_command(self.keys(mailbox), ids)])
+        if isinstance(deleted, Exception):
+            raise _storage_error(deleted)
         return int(deleted)
+
+    def _ack_command(self, keys: Keys, ids: Sequence[str]) -> Command:
+        unique = list(dict.fromkeys(ids))
+        return Command.call(
+            ACK,
+            (keys.idx, keys.tally, *(keys.msg(i) for i in unique)),
+            (self.dedupe_window_s * 1000, keys.ref_prefix, *unique),
+        )
 
     async def sample_oldest(self, cursor: int, count: int = 1000) -> tuple[int, int | None]:
         """One SCAN step over mailbox indexes: the next cursor, and the earliest send

@@ -63,4 +63,4 @@ async def pump(redis_url: str, nursery: trio.Nursery) -> RedisPump:
 
 @pytest.fixture
 def store(pump: RedisPump, prefix: str) -> RedisMailboxStore:
-    return RedisMailboxStore(pump, prefix=prefix, retention_s=3600)
+    return RedisMailboxStore(pump, prefix=prefix, retention_s=3600, dedupe_window_s=2)

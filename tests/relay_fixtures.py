@@ -214,8 +214,10 @@ async def poll_until(condition: Callable[[], bool], interval_s: float = 0.05) ->
 
 
 def keys_under(redis_client: RedisClient, prefix: str) -> list[str]:
-    """Every Redis key under `prefix`, sorted (SCAN, not KEYS)."""
-    return sorted(redis_client.scan_iter(match=prefix + "*", count=1000))
+    """Every Redis key under `prefix`, sorted (SCAN, not KEYS), but the storage's epoch
+    key (`<prefix>epoch`: one per deployment, a random id, about no mailbox or message)."""
+    keys = redis_client.scan_iter(match=prefix + "*", count=1000)
+    return sorted(k for k in keys if k != prefix + "epoch")
 
 
 def wall_ms() -> int:

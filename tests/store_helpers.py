@@ -19,7 +19,9 @@ def now_ms() -> int:
 
 
 def keys_under(client: RedisClient, pattern: str) -> list[str]:
-    return sorted(client.scan_iter(match=pattern, count=1000))
+    """The keys matching `pattern`, but the storage's epoch key (`<prefix>epoch`, one
+    per deployment, a random id): it is about no mailbox and no message."""
+    return sorted(k for k in client.scan_iter(match=pattern, count=1000) if "{" in k)
 
 
 def zcard(client: RedisClient, key: str) -> int:
@@ -30,7 +32,11 @@ def zcard(client: RedisClient, key: str) -> int:
 def with_quota(store: RedisMailboxStore, quota: Quota) -> RedisMailboxStore:
     """Another store on the same pump and prefix, with a different quota."""
     return RedisMailboxStore(
-        store.pump, prefix=store.prefix, retention_s=store.retention_s, quota=quota
+        store.pump,
+        prefix=store.prefix,
+        retention_s=store.retention_s,
+        dedupe_window_s=store.dedupe_window_s,
+        quota=quota,
     )
 
 

@@ -51,7 +51,8 @@ async def test_contract_5_audit_passes_then_names_a_key_without_ttl(
     report = audit(redis_client, prefix, RETENTION_S, now_ms)
     assert report.ok, report.violations
     assert report.messages == 1000
-    assert report.keys == 1000 + 10 + 10  # messages, then an index and a tally per mailbox
+    # messages, an index and a tally per mailbox, and the storage's epoch
+    assert report.keys == 1000 + 10 + 10 + 1
     assert report.oldest_message_age_ms == 5000
     args = ["audit", "--redis-url", redis_url, "--key-prefix", prefix, "--retention", "1h"]
     assert main(args) == 0
@@ -62,7 +63,7 @@ async def test_contract_5_audit_passes_then_names_a_key_without_ttl(
     redis_client.set(f"other-{prefix}{{m3}}:msg:0-x", "outside the prefix")  # ignored
     report = audit(redis_client, prefix, RETENTION_S, now_ms)
     assert not report.ok
-    assert (report.keys, report.without_ttl, report.without_ttl_listed) == (1021, 1, (stray,))
+    assert (report.keys, report.without_ttl, report.without_ttl_listed) == (1022, 1, (stray,))
     assert main(args) == 1
     out = capsys.readouterr().out
     assert stray in out and "not a relay key" not in out
@@ -180,7 +181,7 @@ async def test_contract_5_cli_subprocess_json(
     assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
     assert report["ok"] is False
-    assert (report["keys"], report["messages"]) == (1021, 1001)
+    assert (report["keys"], report["messages"]) == (1022, 1001)
     assert report["keys_without_ttl"] == {"count": 1, "listed": [f"{prefix}{{m0}}:msg:0-planted"]}
     assert report["keys_over_retention"] == {"count": 0, "listed": []}
     assert report["settings"] == {"save": "", "appendonly": "no", "maxmemory_policy": "noeviction"}

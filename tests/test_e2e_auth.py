@@ -185,6 +185,7 @@ async def test_auth_welcome_has_exactly_the_protocol_fields_with_configured_valu
         "max_inflight",
         "server_time",
         "expired",
+        "epoch",
     }
     assert welcome["type"] == "welcome"
     assert welcome["mailbox"] == "bob@example.org/phone-1"

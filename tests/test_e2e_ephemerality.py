@@ -71,7 +71,7 @@ async def _busy_mixed_run(relay: RunningRelay, redis_client: RedisClient, prefix
         for n in range(10):
             await alice.send(["bob", "carol", "dave"], f"multi {n}", ttl_s=30 + n)
             await alice.send("bob", f"plain {n}", ref=None)
-            await alice.send("erin", f"ref {n}", ref=f"same-{n % 5}", ttl_s=60)
+            await alice.send("erin", f"ref {n % 5}", ref=f"same-{n % 5}", ttl_s=60)
             await bob.send("alice", f"back {n}", ttl_s=5)
         for n in range(25):
             await alice.send("frank", f"fill {n}", ttl_s=20)

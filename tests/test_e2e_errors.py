@@ -19,6 +19,7 @@ from relay_fixtures import DEADLINE_S, RelayFactory, answer, raw_session, reques
 from relay.embedded import EmbeddedServer, free_loopback_port
 from relay.redis_sync import RedisClient
 from relay.server import RunningRelay
+from relay.store_redis import Keys, fingerprint
 
 pytest_plugins = ["relay_fixtures"]
 
@@ -168,9 +169,11 @@ def _poison_ref_record(redis_client: RedisClient, prefix: str) -> None:
     """An idempotency record the relay cannot parse: the only way found to reach `internal`.
 
     Nothing a client sends makes the relay fail internally, so this test corrupts
-    Redis behind its back (the record layout is relay/store_redis.py's Keys.ref).
+    Redis behind its back (the record layout is relay/store_redis.py's: it ends with
+    the request's fingerprint, so the send script takes it for a retry).
     """
-    redis_client.set(f"{prefix}{{bob}}:ref:5:alice:poisoned", "garbage", px=60_000)
+    record = f"garbage {fingerprint(['bob'], 'x', 60)}"
+    redis_client.set(Keys.of(prefix, "bob").ref("alice", "poisoned"), record, px=60_000)
 
 
 async def test_error_internal_is_answered_and_keeps_the_connection(
@@ -179,7 +182,9 @@ async def test_error_internal_is_answered_and_keeps_the_connection(
     _poison_ref_record(redis_client, prefix)
     with trio.fail_after(DEADLINE_S):
         async with raw_session(relay.url, "alice") as (ws, _):
-            error = await request(ws, {"type": "send", "ref": "poisoned", "to": "bob", "body": "x"})
+            error = await request(
+                ws, {"type": "send", "ref": "poisoned", "to": "bob", "body": "x", "ttl": 60}
+            )
             assert (error["type"], error["code"]) == ("error", "internal")
             assert "garbage" not in error["message"]
             ok = await request(ws, {"type": "send", "ref": "fine", "to": "bob", "body": "x"})
@@ -192,6 +197,8 @@ async def test_error_internal_carries_the_request_ref(
     _poison_ref_record(redis_client, prefix)
     with trio.fail_after(DEADLINE_S):
         async with raw_session(relay.url, "alice") as (ws, _):
-            error = await request(ws, {"type": "send", "ref": "poisoned", "to": "bob", "body": "x"})
+            error = await request(
+                ws, {"type": "send", "ref": "poisoned", "to": "bob", "body": "x", "ttl": 60}
+            )
     assert (error["type"], error["code"]) == ("error", "internal")
     assert error.get("ref") == "poisoned"

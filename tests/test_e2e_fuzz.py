@@ -46,6 +46,7 @@ ERROR_CODES = {
     "ttl_too_long",
     "rate_limited",
     "mailbox_full",
+    "ref_conflict",  # the fuzzer reuses refs across requests
     "storage_unavailable",
 }  # and "internal", which would mean a bug: no input should reach it
 DOCUMENTED_CLOSES = {CloseCode.POLICY, CloseCode.TOO_BIG}  # the ones a frame may cause

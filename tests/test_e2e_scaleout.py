@@ -8,17 +8,12 @@ with two relays in this process, then, as the acceptance test, with two real
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import attrs
 import trio
+from process_fixtures import relay_process
 from relay_fixtures import (
     DEADLINE_S,
-    SECRET,
     RelayFactory,
     close_code,
     raw_session,
@@ -27,12 +22,8 @@ from relay_fixtures import (
 
 from relay.client import open_relay
 from relay.codes import CloseCode
-from relay.embedded import free_loopback_port
 
 pytest_plugins = ["relay_fixtures"]
-
-STARTUP_S = 20.0  # a Python interpreter importing the relay, then Redis checks
-STOP_S = 10.0
 
 
 async def test_scaleout_two_relays_in_one_process_deliver_across(make_relay: RelayFactory) -> None:
@@ -65,66 +56,6 @@ async def test_scaleout_one_live_session_per_mailbox_across_relays_4409(
 
 
 # -- two real relay processes ------------------------------------------------------
-
-
-@attrs.define
-class RelayProcess:
-    url: str
-    process: trio.Process
-    log_path: Path
-    returncode: int | None = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-async def _wait_listening(relay: RelayProcess, port: int) -> None:
-    """Poll a TCP connect until the relay accepts; fail early if it exited."""
-    while True:
-        if relay.process.poll() is not None:
-            raise AssertionError(f"relay exited with {relay.process.returncode}:\n{relay.log()}")
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-        except OSError:
-            await trio.sleep(0.05)
-            continue
-        await stream.aclose()
-        return
-
-
-async def _stop(process: trio.Process) -> int:
-    """SIGTERM, wait with a timeout, then SIGKILL: by PID, nothing left running."""
-    if process.returncode is None:
-        process.terminate()
-        with trio.move_on_after(STOP_S):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode
-
-
-@asynccontextmanager
-async def relay_process(redis_url: str, prefix: str, log_path: Path) -> AsyncIterator[RelayProcess]:
-    port = free_loopback_port()
-    args = [sys.executable, "-m", "relay", "serve", "--port", str(port), "--ops-port", "0"]
-    args += ["--redis-url", redis_url, "--jwt-secret", SECRET, "--key-prefix", prefix]
-    # The readiness probe is a bare TCP connection that never handshakes; the relay holds
-    # such a connection for auth_timeout, also when shutting down: keep that short.
-    args += ["--auth-timeout", "1", "--drain-timeout", "3"]
-    with log_path.open("wb") as log:
-        process = await trio.lowlevel.open_process(
-            args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-        )
-    relay = RelayProcess(f"ws://127.0.0.1:{port}/v1", process, log_path)
-    try:
-        with trio.fail_after(STARTUP_S):
-            await _wait_listening(relay, port)
-        yield relay
-    finally:
-        with trio.CancelScope(shield=True):
-            relay.returncode = await _stop(process)
 
 
 async def test_acceptance_two_relay_processes_on_one_redis(

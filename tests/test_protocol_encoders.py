@@ -21,7 +21,7 @@ from relay.protocol import (
 
 
 def test_encode_welcome() -> None:
-    text = encode_welcome("bob", "s-1", 604800, 65536, 256, 1_700_000_000_000, 3)
+    text = encode_welcome("bob", "s-1", 604800, 65536, 256, 1_700_000_000_000, 3, "e-1")
     assert orjson.loads(text) == {
         "type": "welcome",
         "mailbox": "bob",
@@ -31,6 +31,7 @@ def test_encode_welcome() -> None:
         "max_inflight": 256,
         "server_time": 1_700_000_000_000,
         "expired": 3,
+        "epoch": "e-1",
     }
     assert " " not in text
 

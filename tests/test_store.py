@@ -33,7 +33,14 @@ from relay.errors import MailboxFull
 from relay.redis_pump import RedisPump
 from relay.redis_sync import RedisClient
 from relay.store import Accepted
-from relay.store_redis import SEND, Quota, RedisMailboxStore, message_sent_ms, new_message_id
+from relay.store_redis import (
+    NO_REF,
+    SEND,
+    Quota,
+    RedisMailboxStore,
+    message_sent_ms,
+    new_message_id,
+)
 
 RETENTION_MS = 3600 * 1000  # the `store` fixture's retention
 
@@ -55,7 +62,7 @@ async def test_every_key_written_carries_a_ttl_within_retention(
         first = await store.send("alice", ["bob"], "one", 600, "r1", t)
         await store.send("alice", ["bob", "carol"], "two", 3600, None, t)
         short = await store.send("alice", ["dave"], "short", 5, "r-short", t)
-        await store.send("alice", ["bob"], "one again", 600, "r1", t + 10)  # repeated ref
+        await store.send("alice", ["bob"], "one", 600, "r1", t + 10)  # repeated ref
         assert (await store.start_session("bob")).waiting == 2
         assert len(await store.fetch("bob", 0, 10)) == 2
         assert await store.ack("bob", [first.ids["bob"]]) == 1
@@ -175,8 +182,9 @@ async def test_repeated_ref_from_same_sender_stores_nothing_new(
     t = now_ms()
     with trio.fail_after(DEADLINE_S):
         first = await store.send("alice", ["bob", "carol"], "hello", 600, "c-17", t)
-        again = await store.send("alice", ["bob", "carol"], "changed", 60, "c-17", t + 5000)
-        assert again == first  # same ids, same expires_at
+        again = await store.send("alice", ["carol", "bob"], "hello", 600, "c-17", t + 5000)
+        assert (again.ids, again.expires_at_ms) == (first.ids, first.expires_at_ms)
+        assert again.duplicate and not first.duplicate
         assert first.expires_at_ms == t + 600_000
         for mailbox in ("bob", "carol"):
             assert zcard(redis_client, store.keys(mailbox).idx) == 1
@@ -197,14 +205,15 @@ async def test_repeated_ref_after_ack_stores_nothing_new(
         assert [d.id for d in await store.fetch("bob", 0, 10)] == [first.ids["bob"]]
         assert await store.ack("bob", [first.ids["bob"]]) == 1
         # A late retry of the acked send must not deliver the message again.
-        assert await store.send("alice", ["bob"], "hello", 60, "r1", t + 1000) == first
+        retry = await store.send("alice", ["bob"], "hello", 60, "r1", t + 1000)
+        assert (retry.ids, retry.duplicate) == (first.ids, True)
         assert await store.fetch("bob", 0, 10) == []
-    # Only the idempotency record is left, and it expires with the message's ttl.
+    # Only the idempotency record is left, named by a hash, and it lives for the
+    # dedupe window only (the store's is 2 s here), never the message's whole ttl.
     ref_key = store.keys("bob").ref("alice", "r1")
-    assert (
-        keys_under(redis_client, f"{prefix}*") == [ref_key] == [f"{prefix}{{bob}}:ref:5:alice:r1"]
-    )
-    assert 0 < pttl(redis_client, ref_key) <= 60_000
+    assert keys_under(redis_client, f"{prefix}*") == [ref_key]
+    assert "alice" not in ref_key and "r1" not in ref_key
+    assert 0 < pttl(redis_client, ref_key) <= store.dedupe_window_s * 1000
 
 
 async def test_same_ref_from_a_different_sender_is_a_different_message(
@@ -343,7 +352,7 @@ async def test_send_script_run_twice_stores_one_message(
     message_id = new_message_id(now_ms())
     args: tuple[object, ...] = (message_id, f'{{"id":"{message_id}","body":"x"}}', 60_000, 10)
     args += (10_000, keys.channel)
-    args += ("0", "", 3_600_000)
+    args += ("0", "", 3_600_000, "", NO_REF)
     script_keys = (keys.idx, keys.tally, keys.msg(message_id), keys.base + "ref:-")
     with trio.fail_after(DEADLINE_S):
         first = await store.pump.run_script(SEND, script_keys, args)

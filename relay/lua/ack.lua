@@ -1,17 +1,28 @@
 -- Delete acknowledged messages of one mailbox. Unknown, expired or already
 -- deleted ids are ignored. When the mailbox is left empty its keys go too.
--- KEYS: idx, tally, msg keys...   ARGV: ids (in the order of the msg keys)
+-- The ref record of each deleted message is cut to the dedupe window (a late
+-- retry still converges; after it nothing about the message remains).
+-- KEYS: idx, tally, msg keys...
+-- ARGV: dedupe_ms, ref key prefix, ids... (in the order of the msg keys)
 -- Returns how many messages were deleted.
 local idx, tally = KEYS[1], KEYS[2]
+local dedupe_ms, ref_prefix = tonumber(ARGV[1]), ARGV[2]
 local deleted, removed, freed = 0, 0, 0
 for i = 3, #KEYS do
   local size = redis.call('STRLEN', KEYS[i])
   if size > 0 then
+    local tag = redis.call('GETRANGE', KEYS[i], 0, TAG_BYTES - 1)
+    if tag ~= NO_REF then
+      local ref = ref_prefix .. tag
+      if redis.call('PTTL', ref) > dedupe_ms then
+        redis.call('PEXPIRE', ref, dedupe_ms)
+      end
+    end
     redis.call('DEL', KEYS[i])
     deleted = deleted + 1
     freed = freed + size
   end
-  removed = removed + redis.call('ZREM', idx, ARGV[i - 2])
+  removed = removed + redis.call('ZREM', idx, ARGV[i])
 end
 if removed > 0 and redis.call('EXISTS', tally) == 1 then
   local pending = redis.call('HINCRBY', tally, 'n', -removed)

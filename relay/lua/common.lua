@@ -1,6 +1,11 @@
 -- Shared by the scripts below (prepended when they are loaded).
 -- Every key of one mailbox shares the hash tag {mailbox}, so a script touches one slot.
 
+-- A stored message is `tag .. '\n' .. envelope`; the tag is the hash in its ref
+-- record's key, or NO_REF when it was sent without a ref.
+local TAG_BYTES = 22
+local NO_REF = '......................'
+
 -- Drop index entries whose message key has expired; return live count and bytes.
 local function purge(idx, msg_prefix)
   local ids = redis.call('ZRANGE', idx, 0, -1)

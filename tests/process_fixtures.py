@@ -1,0 +1,104 @@
+"""Real `python -m relay` processes for tests: a relay server, and the CLI's client commands.
+
+Each is started on loopback with a free port and stopped by its PID: nothing is
+left running.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import trio
+from relay_fixtures import SECRET
+
+from relay.embedded import free_loopback_port
+
+STARTUP_S = 20.0  # a Python interpreter importing the relay, then Redis checks
+STOP_S = 10.0
+
+
+@attrs.define
+class RelayProcess:
+    url: str
+    process: trio.Process
+    log_path: Path
+    returncode: int | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+async def _wait_listening(relay: RelayProcess, port: int) -> None:
+    """Poll a TCP connect until the relay accepts; fail early if it exited."""
+    while True:
+        if relay.process.poll() is not None:
+            raise AssertionError(f"relay exited with {relay.process.returncode}:\n{relay.log()}")
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            await trio.sleep(0.05)
+            continue
+        await stream.aclose()
+        return
+
+
+async def _stop(process: trio.Process) -> int:
+    """SIGTERM, wait with a timeout, then SIGKILL: by PID, nothing left running."""
+    if process.returncode is None:
+        process.terminate()
+        with trio.move_on_after(STOP_S):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode
+
+
+@asynccontextmanager
+async def relay_process(
+    redis_url: str, prefix: str, log_path: Path, *extra: str, port: int = 0
+) -> AsyncIterator[RelayProcess]:
+    port = port or free_loopback_port()
+    args = [sys.executable, "-m", "relay", "serve", "--port", str(port), "--ops-port", "0"]
+    args += ["--redis-url", redis_url, "--jwt-secret", SECRET, "--key-prefix", prefix]
+    # The readiness probe is a bare TCP connection that never handshakes; the relay holds
+    # such a connection for auth_timeout, also when shutting down: keep that short.
+    args += ["--auth-timeout", "1", "--drain-timeout", "3", *extra]
+    with log_path.open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+    relay = RelayProcess(f"ws://127.0.0.1:{port}/v1", process, log_path)
+    try:
+        with trio.fail_after(STARTUP_S):
+            await _wait_listening(relay, port)
+        yield relay
+    finally:
+        with trio.CancelScope(shield=True):
+            relay.returncode = await _stop(process)
+
+
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m relay ARGS` to its end, as a user runs the CLI; capture its output."""
+    return await trio.run_process(
+        [sys.executable, "-m", "relay", *args],
+        stdin=subprocess.DEVNULL,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def cli_identity(relay: RelayProcess, mailbox: str) -> Sequence[str]:
+    """The options that make a CLI command speak to `relay` as `mailbox`."""
+    return ("--url", relay.url, "--jwt-secret", SECRET, "--as", mailbox)
