@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 REPLACED_PREFIX = "!r "  # a notice "!r <session id>"; message notices start with a digit
 SEQ = re.compile(r"[0-9]{1,18}")  # a sequence number as send.lua writes it (ASCII, fits int64)
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # secrets.token_urlsafe's alphabet
 
 
 class Subscriber(Protocol):
@@ -278,17 +279,19 @@ class Hub:
             return
         if data.startswith(REPLACED_PREFIX):
             session_id = data[len(REPLACED_PREFIX) :]
-            for subscriber in list(subscribers):
-                subscriber.on_replaced(session_id)
-            return
-        seq, _, envelope = data.partition(" ")
-        message_id = envelope_id(envelope) if SEQ.fullmatch(seq) else None
-        if message_id is None:
-            self._on_ignored()
-            log.warning("ignored a notice the relay did not publish on a mailbox channel")
-            return
-        for subscriber in list(subscribers):
-            subscriber.on_message(int(seq), message_id, envelope)
+            if SESSION_ID.fullmatch(session_id):
+                for subscriber in list(subscribers):
+                    subscriber.on_replaced(session_id)
+                return
+        else:
+            seq, _, envelope = data.partition(" ")
+            message_id = envelope_id(envelope) if SEQ.fullmatch(seq) else None
+            if message_id is not None:
+                for subscriber in list(subscribers):
+                    subscriber.on_message(int(seq), message_id, envelope)
+                return
+        self._on_ignored()
+        log.warning("ignored a notice the relay did not publish on a mailbox channel")
 
 
 def _describe(exc: BaseException) -> str:
