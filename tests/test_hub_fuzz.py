@@ -96,7 +96,8 @@ def resp(value: Any) -> bytes:
     if value is None:
         return b"$-1\r\n"
     if isinstance(value, tuple):  # (b"-", text) or (b"+", text): error or simple string
-        return value[0] + value[1].replace(b"\r\n", b"") + b"\r\n"
+        kind, text = value
+        return bytes(kind + text.replace(b"\r\n", b"") + b"\r\n")
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
