@@ -25,6 +25,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001  # server shutting down; messages stay queued
     POLICY = 1008  # abuse
     TOO_BIG = 1009  # frame larger than the frame limit
+    TRY_AGAIN_LATER = 1013  # storage unavailable; messages stay queued
     UNAUTHORIZED = 4401
     AUTH_TIMEOUT = 4408
     REPLACED = 4409
@@ -35,6 +36,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.GOING_AWAY: "server shutting down",
     CloseCode.POLICY: "policy violation",
     CloseCode.TOO_BIG: "frame too large",
+    CloseCode.TRY_AGAIN_LATER: "storage unavailable, try again later",
     CloseCode.UNAUTHORIZED: "unauthorized",
     CloseCode.AUTH_TIMEOUT: "auth timeout",
     CloseCode.REPLACED: "replaced by a newer session",

@@ -49,6 +49,8 @@ class Config:
     send_timeout_s: float = 10.0
     drain_timeout_s: float = 10.0
     backstop_drain_s: float = 30.0
+    hub_heartbeat_s: float = 15.0  # PING on the pub/sub connection this often
+    hub_unhealthy_after_s: float = 60.0  # /healthz fails when pub/sub is down this long
     rate_limit_per_s: float = 100.0
     rate_burst: int = 200
     max_connections: int = 10_000
@@ -179,6 +181,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("drain-timeout", "drain_timeout_s", _seconds, "time sessions get to close on shutdown"),
     Option(
         "backstop-drain", "backstop_drain_s", _seconds, "period of the safety re-read of mailboxes"
+    ),
+    Option("hub-heartbeat", "hub_heartbeat_s", _seconds, "PING period of the pub/sub connection"),
+    Option(
+        "hub-unhealthy-after",
+        "hub_unhealthy_after_s",
+        _seconds,
+        "/healthz fails once pub/sub has been down this long",
     ),
     Option("rate-limit", "rate_limit_per_s", _rate, "frames a second per connection (e.g. 100/s)"),
     Option("rate-burst", "rate_burst", int, "frames a connection may send at once above the rate"),

@@ -65,6 +65,11 @@ class Metrics:
             registry=r,
         )
         self.hub_reconnects = Counter("relay_hub_reconnects", "Pub/sub reconnects", registry=r)
+        self.hub_ignored_notices = Counter(
+            "relay_hub_ignored_notices",
+            "Pub/sub replies and notices the relay did not publish or expect, ignored",
+            registry=r,
+        )
         self.oldest_undelivered_age = Gauge(
             "relay_oldest_undelivered_age_seconds",
             "Age of the oldest waiting message among the mailboxes sampled",

@@ -30,6 +30,7 @@ class OpsEndpoints:
     metrics: Metrics
     readiness: Callable[[], Awaitable[list[str]]]  # what is not ready; empty when ready
     policy: Callable[[], dict[str, Any]]
+    health: Callable[[], list[str]] = lambda: []  # what is broken beyond waiting; empty: alive
 
 
 async def serve_ops(
@@ -91,6 +92,8 @@ async def _route(endpoints: OpsEndpoints, request: h11.Request) -> tuple[int, st
         return 405, "text/plain", b"method not allowed\n"
     path = request.target.split(b"?", 1)[0]
     if path == b"/healthz":
+        if broken := endpoints.health():
+            return 503, "text/plain", ("unhealthy: " + "; ".join(broken) + "\n").encode()
         return 200, "text/plain", b"ok\n"
     if path == b"/readyz":
         problems = await endpoints.readiness()

@@ -108,6 +108,9 @@ async def serve_relay(
             redis_url,
             lambda mailbox: store.keys(mailbox).channel,
             on_reconnect=metrics.hub_reconnects.inc,
+            on_ignored=metrics.hub_ignored_notices.inc,
+            heartbeat_s=config.hub_heartbeat_s,
+            unhealthy_after_s=config.hub_unhealthy_after_s,
         )
         limits = protocol.Limits(
             max_body_bytes=config.max_body_bytes,
@@ -130,7 +133,10 @@ async def serve_relay(
             ops_port = 0
             if config.ops_port:
                 endpoints = OpsEndpoints(
-                    metrics, partial(_readiness, services, pump), partial(_policy, config, settings)
+                    metrics,
+                    partial(_readiness, services, pump),
+                    partial(_policy, config, settings),
+                    lambda: [p] if (p := hub.health_problem()) else [],
                 )
                 port = config.ops_port + (config.worker_id or 0)
                 ops_port = await background.start(serve_ops, endpoints, config.host, port)
@@ -253,8 +259,8 @@ async def _readiness(services: Services, pump: RedisPump) -> list[str]:
     problems = []
     if services.draining:
         problems.append("shutting down")
-    if not services.hub.connected:
-        problems.append("Redis pub/sub disconnected")
+    if (hub_problem := services.hub.problem) is not None:
+        problems.append(hub_problem)
     with trio.move_on_after(READINESS_TIMEOUT_S):
         try:
             await pump.execute("PING")

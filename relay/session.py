@@ -177,7 +177,11 @@ class Session:
             self.close(CloseCode.GOING_AWAY)
         try:
             with self._cancel_scope:
-                await services.hub.subscribe(self.mailbox, self)
+                try:
+                    await services.hub.subscribe(self.mailbox, self)
+                except StorageUnavailable:
+                    self._close_code = self._close_code or CloseCode.TRY_AGAIN_LATER
+                    raise
                 try:
                     await self._serve()
                 finally:

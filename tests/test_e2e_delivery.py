@@ -24,8 +24,10 @@ from relay_fixtures import (
 from trio_websocket import WebSocketConnection
 
 from relay.client import Message, open_relay
+from relay.redis_pump import RedisPump
 from relay.redis_sync import RedisClient
 from relay.server import RunningRelay
+from relay.store_redis import Keys, RedisMailboxStore
 
 pytest_plugins = ["relay_fixtures"]
 
@@ -160,9 +162,26 @@ async def test_deliver_at_least_once_unacked_messages_come_again_next_session(
     assert [m.id for m in again] == [m.id for m in first]
 
 
-async def test_deliver_not_repeated_within_one_session(make_relay: RelayFactory) -> None:
-    """The periodic re-read of the mailbox (the backstop) must not deliver a message twice."""
-    relay = await make_relay(backstop_drain_s=0.05)
+class _Unheard(Keys):
+    @property
+    def channel(self) -> str:
+        return self.base + "unheard"  # a channel no relay subscribes to
+
+
+class UnheardStore(RedisMailboxStore):
+    """The relay's store, whose notices go where nobody listens: a lost notice."""
+
+    def keys(self, mailbox: str) -> Keys:
+        return _Unheard(Keys.of(self.prefix, mailbox).base)
+
+
+async def test_deliver_backstop_delivers_a_message_whose_notice_was_lost_and_repeats_none(
+    make_relay: RelayFactory, pump: RedisPump, prefix: str
+) -> None:
+    """The periodic re-read of the mailbox (the backstop) finds a message no notice
+    announced, and does not deliver again the unacked ones it re-reads."""
+    relay = await make_relay(backstop_drain_s=0.2)
+    unheard = UnheardStore(pump, prefix=prefix, retention_s=3600)
     with trio.fail_after(DEADLINE_S):
         async with open_relay(relay.url, token("alice")) as alice:
             for n in range(5):
@@ -172,10 +191,12 @@ async def test_deliver_not_repeated_within_one_session(make_relay: RelayFactory)
                 for n in range(5):
                     await alice.send("bob", f"live {n}")
                 first += await receive_n(bob, 5)
-                await trio.sleep(0.4)  # several backstop re-reads of the 10 unacked messages
+                await unheard.send("alice", ["bob"], "lost notice", 60, None, wall_ms())
+                (found,) = await receive_n(bob, 1)  # only a backstop re-read can find it
                 await alice.send("bob", "marker")
                 rest = await receive_until(bob, "marker")
     assert len({m.id for m in first}) == 10
+    assert found.body == "lost notice"
     assert [m.body for m in rest] == ["marker"]
 
 
