@@ -89,7 +89,8 @@ class AuditReport:
             f"keys with a TTL over the retention window: {self.over_retention}",
             *(f"  {key} (TTL {ttl_ms} ms)" for key, ttl_ms in self.over_retention_listed),
             f"save {self.settings.save!r}, appendonly {self.settings.appendonly!r}, "
-            f"maxmemory-policy {self.settings.maxmemory_policy!r}",
+            f"maxmemory-policy {self.settings.maxmemory_policy!r}, "
+            f"slowlog-log-slower-than {self.settings.slowlog_log_slower_than!r}",
             *(f"warning: {w}" for w in self.warnings),
             *(f"VIOLATION: {v}" for v in self.violations),
             "OK" if self.ok else "FAILED",
@@ -125,6 +126,7 @@ def audit(
     now_ms: int,
     allow_persistent: bool = False,
     allow_eviction: bool = False,
+    allow_slowlog: bool = False,
 ) -> AuditReport:
     """Audit the keys under `prefix` and the server's persistence and eviction settings.
 
@@ -156,7 +158,10 @@ def audit(
                 oldest_sent_ms = sent_ms
     settings = read_settings(client)
     settings_violations, warnings = evaluate_settings(
-        settings, allow_persistent=allow_persistent, allow_eviction=allow_eviction
+        settings,
+        allow_persistent=allow_persistent,
+        allow_eviction=allow_eviction,
+        allow_slowlog=allow_slowlog,
     )
     return AuditReport(
         prefix=prefix,

@@ -39,6 +39,7 @@ AUDIT_OPTIONS = (
     "retention",
     "allow-persistent-redis",
     "allow-eviction",
+    "allow-slowlog",
     "log-level",
 )
 
@@ -134,6 +135,7 @@ def run_audit(args: argparse.Namespace) -> int:
             now_ms=time.time_ns() // 1_000_000,
             allow_persistent=config.allow_persistent_redis,
             allow_eviction=config.allow_eviction,
+            allow_slowlog=config.allow_slowlog,
         )
     except redis.RedisError as exc:  # the message names host and port, never the password
         print(f"relay audit: cannot audit Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
