@@ -112,7 +112,8 @@ class AuditReport:
             f"with their message gone: {self.stale_refs}",
             *(f"  {key} (TTL {ttl_ms} ms)" for key, ttl_ms in self.stale_refs_listed),
             f"save {self.settings.save!r}, appendonly {self.settings.appendonly!r}, "
-            f"maxmemory-policy {self.settings.maxmemory_policy!r}",
+            f"maxmemory-policy {self.settings.maxmemory_policy!r}, "
+            f"slowlog-log-slower-than {self.settings.slowlog_log_slower_than!r}",
             *(f"warning: {w}" for w in self.warnings),
             *(f"VIOLATION: {v}" for v in self.violations),
             "OK" if self.ok else "FAILED",
@@ -170,6 +171,7 @@ def audit(
     now_ms: int,
     allow_persistent: bool = False,
     allow_eviction: bool = False,
+    allow_slowlog: bool = False,
     dedupe_window_s: int = 600,
 ) -> AuditReport:
     """Audit the keys under `prefix` and the server's persistence and eviction settings.
@@ -208,7 +210,10 @@ def audit(
     stale = list(_stale_refs(client, refs, base_of, dedupe_window_s * 1000))
     settings = read_settings(client)
     settings_violations, warnings = evaluate_settings(
-        settings, allow_persistent=allow_persistent, allow_eviction=allow_eviction
+        settings,
+        allow_persistent=allow_persistent,
+        allow_eviction=allow_eviction,
+        allow_slowlog=allow_slowlog,
     )
     return AuditReport(
         prefix=prefix,

@@ -40,6 +40,7 @@ AUDIT_OPTIONS = (
     "dedupe-window",
     "allow-persistent-redis",
     "allow-eviction",
+    "allow-slowlog",
     "log-level",
 )
 
@@ -135,6 +136,7 @@ def run_audit(args: argparse.Namespace) -> int:
             now_ms=time.time_ns() // 1_000_000,
             allow_persistent=config.allow_persistent_redis,
             allow_eviction=config.allow_eviction,
+            allow_slowlog=config.allow_slowlog,
             dedupe_window_s=config.dedupe_window_s,
         )
     except redis.RedisError as exc:  # the message names host and port, never the password

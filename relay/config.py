@@ -42,6 +42,7 @@ class Config:
     allowed_origins: tuple[str, ...] = ()
     allow_persistent_redis: bool = False
     allow_eviction: bool = False
+    allow_slowlog: bool = False
     key_prefix: str = "relay:"
     auth_timeout_s: float = 5.0
     ping_interval_s: float = 20.0
@@ -166,6 +167,13 @@ OPTIONS: tuple[Option, ...] = (
         "allow_eviction",
         _bool,
         "run against a Redis that may evict keys",
+        boolean=True,
+    ),
+    Option(
+        "allow-slowlog",
+        "allow_slowlog",
+        _bool,
+        "run against a Redis whose slow log is on (it keeps command arguments)",
         boolean=True,
     ),
     Option("key-prefix", "key_prefix", str, "prefix of every Redis key the relay writes"),

@@ -33,7 +33,7 @@ from relay.hub import Hub
 from relay.limits import parse_networks
 from relay.metrics import Metrics
 from relay.ops import OpsEndpoints, serve_ops
-from relay.redis_checks import RedisSettings, check_settings, read_settings
+from relay.redis_checks import RedisSettings, check_settings, describe_settings, read_settings
 from relay.redis_pump import RedisPump
 from relay.redis_sync import connect
 from relay.session import CLOSE_TIMEOUT_S, Services
@@ -93,6 +93,7 @@ async def serve_relay(
             settings,
             allow_persistent=config.allow_persistent_redis,
             allow_eviction=config.allow_eviction,
+            allow_slowlog=config.allow_slowlog,
         ):
             log.warning("%s", warning)
         metrics = Metrics(config.worker_id or 0)
@@ -273,9 +274,6 @@ async def _readiness(services: Services, pump: RedisPump) -> list[str]:
 
 def _policy(config: Config, settings: RedisSettings) -> dict[str, Any]:
     """The promise, as this deployment keeps it (served at /.well-known/relay-policy)."""
-    persistent = settings.save is None or settings.appendonly is None
-    if not persistent:
-        persistent = bool((settings.save or "").strip()) or settings.appendonly == "yes"
     return {
         "protocol": f"relay.v{PROTOCOL_VERSION}",
         "version": __version__,
@@ -284,12 +282,7 @@ def _policy(config: Config, settings: RedisSettings) -> dict[str, Any]:
         "max_body_bytes": config.max_body_bytes,
         "message_deleted_on": ["ack", "ttl"],
         "dedupe_window_s": min(config.dedupe_window_s, config.retention_s),
-        "redis": {
-            "persistence": "unverified"
-            if settings.save is None or settings.appendonly is None
-            else ("on (allowed by --allow-persistent-redis)" if persistent else "off"),
-            "maxmemory_policy": settings.maxmemory_policy or "unverified",
-        },
+        "redis": describe_settings(settings),
         "bodies_logged": False,
         "mailboxes_in_logs": "plain (debug logging)"
         if config.log_level == "debug"

@@ -184,7 +184,12 @@ async def test_contract_5_cli_subprocess_json(
     assert (report["keys"], report["messages"]) == (1022, 1001)
     assert report["keys_without_ttl"] == {"count": 1, "listed": [f"{prefix}{{m0}}:msg:0-planted"]}
     assert report["keys_over_retention"] == {"count": 0, "listed": []}
-    assert report["settings"] == {"save": "", "appendonly": "no", "maxmemory_policy": "noeviction"}
+    assert report["settings"] == {
+        "save": "",
+        "appendonly": "no",
+        "maxmemory_policy": "noeviction",
+        "slowlog_log_slower_than": "-1",
+    }
     assert report["oldest_message_age_ms"] > 1_000_000_000  # the planted id says 1970
     assert len(report["violations"]) == 1 and report["warnings"] == []
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 import trio
 from relay_fixtures import (
     DEADLINE_S,
@@ -27,7 +28,12 @@ from relay_fixtures import (
 )
 
 from relay.client import open_relay
+from relay.config import Config
 from relay.embedded import EmbeddedServer, free_loopback_port
+from relay.errors import UnsafeRedis
+from relay.redis_checks import RedisSettings
+from relay.redis_sync import connect
+from relay.server import _policy
 
 pytest_plugins = ["relay_fixtures"]
 
@@ -165,6 +171,7 @@ async def test_policy_endpoint_reports_configured_retention_as_json(
     assert policy["max_ttl_s"] == 3600
     assert policy["redis"]["persistence"] == "off"
     assert policy["redis"]["maxmemory_policy"] == "noeviction"
+    assert policy["redis"]["slowlog"] == "off"
     assert policy["bodies_logged"] is False
     assert policy["mailboxes_in_logs"] == "keyed hash"
     assert policy["protocol"] == "relay.v1"
@@ -182,3 +189,33 @@ async def test_ops_unknown_path_is_404_and_post_is_405(make_relay: RelayFactory)
     assert head.status == 200
     assert head.body == b""
     assert (await http(ops, "/healthz?probe=1")).status == 200
+
+
+async def test_slowlog_refused_unless_allowed_and_reported_in_policy(
+    redis_server: EmbeddedServer, prefix: str
+) -> None:
+    """A Redis whose slow log is on keeps command arguments (bodies): refused at startup,
+    and reported by the policy endpoint when --allow-slowlog lets the relay run."""
+    with EmbeddedServer(binary=redis_server.binary) as server:
+        with connect(server.url) as client:
+            client.config_set("slowlog-log-slower-than", "10000")
+        with pytest.raises(BaseExceptionGroup) as refused:
+            async with serving(relay_config(server.url, prefix)):
+                pass  # pragma: no cover - the relay must not start
+        unsafe = refused.value.subgroup(UnsafeRedis)
+        assert unsafe is not None
+        assert "--allow-slowlog" in str(unsafe.exceptions[0])
+        config = relay_config(server.url, prefix, ops_port=free_loopback_port(), allow_slowlog=True)
+        async with serving(config) as relay:
+            policy = orjson.loads((await http(relay.ops_port, "/.well-known/relay-policy")).body)
+    assert policy["redis"]["slowlog"] == "on (allowed by --allow-slowlog)"
+
+
+def test_policy_uses_the_checks_evaluation() -> None:
+    """One place decides: an append-only Redis whose `save` could not be read persists."""
+    settings = RedisSettings(
+        save=None, appendonly="yes", maxmemory_policy="noeviction", slowlog_log_slower_than="-1"
+    )
+    redis = _policy(Config(), settings)["redis"]
+    assert redis["persistence"] == "on (allowed by --allow-persistent-redis)"
+    assert redis["slowlog"] == "off"

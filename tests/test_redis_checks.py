@@ -11,7 +11,10 @@ from relay.errors import UnsafeRedis
 from relay.redis_checks import RedisSettings, check_settings, read_settings
 from relay.redis_sync import RedisClient, connect
 
-SAFE = RedisSettings(save="", appendonly="no", maxmemory_policy="noeviction")
+SAFE = RedisSettings(
+    save="", appendonly="no", maxmemory_policy="noeviction", slowlog_log_slower_than="-1"
+)
+ALLOWS = ("allow_persistent", "allow_eviction", "allow_slowlog")
 
 
 @pytest.fixture
@@ -41,6 +44,8 @@ def test_contract_4_safe_server_starts_without_warnings(redis_client: RedisClien
         ("appendonly", "yes", "--allow-persistent-redis", "allow_persistent"),
         ("save", "3600 1", "--allow-persistent-redis", "allow_persistent"),
         ("maxmemory-policy", "volatile-lru", "--allow-eviction", "allow_eviction"),
+        ("slowlog-log-slower-than", "10000", "--allow-slowlog", "allow_slowlog"),
+        ("slowlog-log-slower-than", "0", "--allow-slowlog", "allow_slowlog"),
     ],
 )
 def test_contract_4_unsafe_setting_refused_unless_allowed(
@@ -50,25 +55,31 @@ def test_contract_4_unsafe_setting_refused_unless_allowed(
     settings = read_settings(private_client)
     assert getattr(settings, name.replace("-", "_")) == value
 
-    other = "allow_eviction" if allow == "allow_persistent" else "allow_persistent"
+    others = {other: True for other in ALLOWS if other != allow}
     with pytest.raises(UnsafeRedis) as refused:
-        check_settings(settings, **{allow: False, other: True})
+        check_settings(settings, **{allow: False}, **others)
     message = str(refused.value)
     assert name in message and repr(value) in message and flag in message
 
-    warnings = check_settings(settings, **{allow: True, other: False})
+    others = {other: False for other in ALLOWS if other != allow}
+    warnings = check_settings(settings, **{allow: True}, **others)
     assert len(warnings) == 1
     assert name in warnings[0] and flag in warnings[0]
 
 
 def test_contract_4_refusal_names_every_unsafe_setting() -> None:
-    settings = RedisSettings(save="60 1", appendonly="yes", maxmemory_policy="allkeys-lru")
+    settings = RedisSettings(
+        save="60 1", appendonly="yes", maxmemory_policy="allkeys-lru", slowlog_log_slower_than="0"
+    )
     with pytest.raises(UnsafeRedis) as refused:
         check_settings(settings, allow_persistent=False, allow_eviction=False)
     message = str(refused.value)
-    for part in ("save", "appendonly", "maxmemory-policy", "outlive", "evicted"):
+    for part in ("save", "appendonly", "maxmemory-policy", "outlive", "evicted", "slowlog"):
         assert part in message
-    assert len(check_settings(settings, allow_persistent=True, allow_eviction=True)) == 3
+    allowed = check_settings(
+        settings, allow_persistent=True, allow_eviction=True, allow_slowlog=True
+    )
+    assert len(allowed) == 4
 
 
 def test_contract_4_unreadable_config_warns_what_to_check(
@@ -80,14 +91,16 @@ def test_contract_4_unreadable_config_warns_what_to_check(
     )
     with connect(f"unix://limited:secret@{private_server.socket_path}") as limited:
         settings = read_settings(limited)
-    assert settings == RedisSettings(save=None, appendonly=None, maxmemory_policy=None)
+    assert settings == RedisSettings(
+        save=None, appendonly=None, maxmemory_policy=None, slowlog_log_slower_than=None
+    )
 
     warnings = check_settings(settings, allow_persistent=False, allow_eviction=False)
-    assert len(warnings) == 3
+    assert len(warnings) == 4
     for warning, name, safe in zip(
         warnings,
-        ("save", "appendonly", "maxmemory-policy"),
-        ('""', "no", "noeviction"),
+        ("save", "appendonly", "maxmemory-policy", "slowlog-log-slower-than"),
+        ('""', "no", "noeviction", "-1"),
         strict=True,
     ):
         assert "could not verify" in warning and name in warning and safe in warning
