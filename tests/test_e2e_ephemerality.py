@@ -12,6 +12,7 @@ import trio
 from relay_fixtures import (
     DEADLINE_S,
     RelayFactory,
+    close_code,
     deliveries,
     keys_under,
     msg_key,
@@ -19,6 +20,7 @@ from relay_fixtures import (
     raw_session,
     receive_n,
     receive_until,
+    recv,
     relay_config,
     request,
     send_json,
@@ -29,8 +31,10 @@ from trio_websocket import ConnectionClosed
 
 from relay.cli import main as relay_cli
 from relay.client import RelayClientError, open_relay
+from relay.codes import CloseCode
 from relay.embedded import EmbeddedServer
 from relay.errors import UnsafeRedis
+from relay.logs import pseudonym
 from relay.redis_sync import RedisClient, connect
 from relay.server import RunningRelay, serve_relay
 
@@ -144,23 +148,33 @@ async def test_ephemerality_3_no_bodies_or_tokens_in_the_logs(
 
 
 async def test_ephemerality_3_logs_name_mailboxes_only_pseudonymously(
-    relay: RunningRelay, caplog: pytest.LogCaptureFixture
+    make_relay: RelayFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)  # debug logging would show mailbox ids as they are
+    relay = await make_relay(rate_limit_per_s=0.01, rate_burst=2)
     sender, recipient = "sender-4b1d9e", "recipient-8c2f7a"
     with trio.fail_after(DEADLINE_S):
         async with open_relay(relay.url, token(sender)) as alice:
             await alice.send(recipient, "x")
-            async with open_relay(relay.url, token(recipient)) as bob:
-                await bob.receive()
-                async with open_relay(relay.url, token(recipient)):  # 4409 for bob: logged
-                    pass
+        async with (
+            raw_session(relay.url, recipient) as (bob, _),
+            raw_session(relay.url, recipient),  # 4409 for bob: logged
+        ):
+            assert await close_code(bob) == CloseCode.REPLACED
         with pytest.raises(ConnectionClosed):
             async with open_relay(relay.url, signed_token({"sub": sender, "exp": 1})):
                 pass
+        async with raw_session(relay.url, sender) as (flooder, _):  # a warning names it
+            while True:
+                try:
+                    await send_json(flooder, {"type": "ack", "ids": ["x"], "ref": "r"})
+                    await recv(flooder)
+                except ConnectionClosed:
+                    break
         relay.shutdown()
     text = caplog.text + "".join(str(record.args) for record in caplog.records)
-    assert caplog.records
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(pseudonym(sender) in line for line in warnings), warnings
     assert sender not in text
     assert recipient not in text
 
