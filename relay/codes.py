@@ -13,7 +13,8 @@ class ErrorCode(StrEnum):
     TTL_TOO_LONG = "ttl_too_long"
     RATE_LIMITED = "rate_limited"
     MAILBOX_FULL = "mailbox_full"
-    STORAGE_UNAVAILABLE = "storage_unavailable"
+    STORAGE_UNAVAILABLE = "storage_unavailable"  # nothing was stored
+    UNCONFIRMED = "unconfirmed"  # may have been stored; retry with the same ref
     INTERNAL = "internal"
 
 
@@ -24,6 +25,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001  # server shutting down; messages stay queued
     POLICY = 1008  # abuse
     TOO_BIG = 1009  # frame larger than the frame limit
+    TRY_AGAIN_LATER = 1013  # storage unavailable at session start; messages stay queued
     UNAUTHORIZED = 4401
     AUTH_TIMEOUT = 4408
     REPLACED = 4409
@@ -34,6 +36,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.GOING_AWAY: "server shutting down",
     CloseCode.POLICY: "policy violation",
     CloseCode.TOO_BIG: "frame too large",
+    CloseCode.TRY_AGAIN_LATER: "storage unavailable, try again later",
     CloseCode.UNAUTHORIZED: "unauthorized",
     CloseCode.AUTH_TIMEOUT: "auth timeout",
     CloseCode.REPLACED: "replaced by a newer session",
