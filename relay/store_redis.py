@@ -27,7 +27,13 @@ import orjson
 import redis
 
 from relay import policy
-from relay.errors import ClientError, MailboxFull, RelayError, StorageUnavailable
+from relay.errors import (
+    ClientError,
+    MailboxFull,
+    RelayError,
+    StorageUnavailable,
+    Unconfirmed,
+)
 from relay.redis_pump import Command, LuaScript, RedisPump
 from relay.store import Accepted, Delivery, SessionStart, envelope_id
 
@@ -38,7 +44,7 @@ def _load(name: str) -> LuaScript:
     return LuaScript(name, source)
 
 
-SEND, FETCH, ACK, START = (_load(n) for n in ("send", "fetch", "ack", "start"))
+SEND, FETCH, ACK, START, UNSEND = (_load(n) for n in ("send", "fetch", "ack", "start", "unsend"))
 
 
 def new_message_id(now_ms: int) -> str:
@@ -155,7 +161,10 @@ class RedisMailboxStore:
         failure: Exception | None = None
         for recipient, result in zip(recipients, results, strict=True):
             if isinstance(result, Exception):
-                failure = failure or _storage_error(result)
+                error = _storage_error(result)
+                # An unconfirmed copy outranks any other failure: it may be stored.
+                if failure is None or isinstance(error, Unconfirmed):
+                    failure = error
             elif result[0] == 0:
                 stored.append((recipient, ids[recipient]))
             elif result[0] == 1:
@@ -168,26 +177,29 @@ class RedisMailboxStore:
                     f"mailbox {recipient} is full ({result[2]} {result[1]} at most)"
                 )
         if failure is not None:
-            await self._unsend(sender, ref, stored)
+            if not await self._unsend(sender, ref, stored):
+                failure = Unconfirmed("the send failed and some copies may still be stored")
             if isinstance(failure, ClientError):
                 failure.ref = ref
             raise failure
         return Accepted(ids=ids, expires_at_ms=expires_at_ms)
 
-    async def _unsend(self, sender: str, ref: str | None, stored: list[tuple[str, str]]) -> None:
-        """Delete the copies one failed send stored, with their idempotency records."""
+    async def _unsend(self, sender: str, ref: str | None, stored: list[tuple[str, str]]) -> bool:
+        """Delete, best effort, the copies one failed send stored, each with its ref
+        record; whether every one is known deleted."""
         commands = []
         for recipient, message_id in stored:
             keys = self.keys(recipient)
+            ref_key = keys.ref(sender, ref) if ref is not None else keys.base + "ref:-"
             commands.append(
-                Command.call(ACK, (keys.idx, keys.tally, keys.msg(message_id)), (message_id,))
+                Command.call(
+                    UNSEND,
+                    (keys.idx, keys.tally, keys.msg(message_id), ref_key),
+                    (message_id, "0" if ref is None else "1"),
+                )
             )
-            if ref is not None:
-                commands.append(Command(("DEL", keys.ref(sender, ref))))
-        if commands:
-            for result in await self.pump.execute_many(commands):
-                if isinstance(result, Exception):
-                    raise _storage_error(result)
+        results = await self.pump.execute_many(commands) if commands else []
+        return not any(isinstance(result, Exception) for result in results)
 
     async def start_session(self, mailbox: str, notice: str = "") -> SessionStart:
         keys = self.keys(mailbox)
