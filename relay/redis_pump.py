@@ -41,8 +41,6 @@ from relay.redis_conn import ConnectionLost, RedisConnection, pack
 
 log = logging.getLogger(__name__)
 
-IDLE_CHECK_S = 1.0  # a connection idle this long is checked for an EOF before use
-
 
 @attrs.frozen
 class LuaScript:
@@ -265,10 +263,9 @@ class RedisPump:
 
     async def _connected(self) -> RedisConnection:
         connection = self._connection
-        if connection is not None and (
-            trio.current_time() - connection.idle_since < IDLE_CHECK_S
-            or not connection.looks_closed()
-        ):
+        # A connection whose end is already seen (a Redis restart, a proxy's idle
+        # timeout) is not written to: what is written there ends up unconfirmed.
+        if connection is not None and not connection.looks_closed():
             return connection
         await self._discard()
         self._connection = await RedisConnection.open(self.url)
