@@ -28,6 +28,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 SUBPROTOCOL = "relay.v1"
 _AUTO = "auto"
+UNCONFIRMED_RETRIES = 3  # a send answered `unconfirmed` is sent again with its ref this often
+UNCONFIRMED_BACKOFF_S = 0.5  # before the first retry; doubles for each next one
 
 
 def new_ref() -> str:
@@ -77,7 +79,9 @@ class RelayClient:
         ttl_s: int | None = None,
         ref: str | None = _AUTO,
     ) -> dict[str, Any]:
-        """Send and wait for `accepted`; raise RelayClientError on an `error` answer."""
+        """Send and wait for `accepted`; raise RelayClientError on an `error` answer.
+        A send answered `unconfirmed` (it may have been stored) is sent again with the
+        same ref, which stores at most one copy, up to UNCONFIRMED_RETRIES times."""
         frame: dict[str, Any] = {
             "type": "send",
             "to": to if isinstance(to, str) else list(to),
@@ -87,14 +91,22 @@ class RelayClient:
             frame["ttl"] = ttl_s
         if ref == _AUTO:
             ref = new_ref()
-        pending = _Pending()
-        if ref is None:
-            self._unreferenced.append(pending)
-        else:
-            frame["ref"] = ref
-            self._by_ref[ref] = pending
-        await self.ws.send_message(orjson.dumps(frame).decode())
-        return await self._answer(pending)
+        attempt = 0
+        while True:
+            pending = _Pending()
+            if ref is None:
+                self._unreferenced.append(pending)
+            else:
+                frame["ref"] = ref
+                self._by_ref[ref] = pending
+            await self.ws.send_message(orjson.dumps(frame).decode())
+            try:
+                return await self._answer(pending)
+            except RelayClientError as exc:
+                if exc.code != "unconfirmed" or ref is None or attempt == UNCONFIRMED_RETRIES:
+                    raise
+            await trio.sleep(UNCONFIRMED_BACKOFF_S * 2**attempt)
+            attempt += 1
 
     async def ack(self, ids: Sequence[str], *, wait: bool = True) -> int | None:
         """Acknowledge (delete) messages; with `wait`, return how many the relay deleted."""

@@ -14,7 +14,8 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     REF_CONFLICT = "ref_conflict"
     MAILBOX_FULL = "mailbox_full"
-    STORAGE_UNAVAILABLE = "storage_unavailable"
+    STORAGE_UNAVAILABLE = "storage_unavailable"  # nothing was stored
+    UNCONFIRMED = "unconfirmed"  # may have been stored; retry with the same ref
     INTERNAL = "internal"
 
 

@@ -39,6 +39,7 @@ class Config:
     max_recipients: int = 100
     max_mailbox_messages: int = 10_000
     max_mailbox_bytes: int = 64 * 1024 * 1024
+    max_frame_bytes: int = 1024 * 1024  # largest deliver frame sent (one message may exceed it)
     allowed_origins: tuple[str, ...] = ()
     allow_persistent_redis: bool = False
     allow_eviction: bool = False
@@ -49,6 +50,7 @@ class Config:
     idle_timeout_s: float = 60.0
     send_timeout_s: float = 10.0
     drain_timeout_s: float = 10.0
+    redis_timeout_s: float = 5.0  # a Redis request unanswered this long fails
     backstop_drain_s: float = 30.0
     hub_heartbeat_s: float = 15.0  # PING on the pub/sub connection this often
     hub_unhealthy_after_s: float = 60.0  # /healthz fails when pub/sub is down this long
@@ -70,6 +72,12 @@ class Config:
         """Largest frame accepted: room for a body at its limit even fully JSON-escaped,
         plus the recipient list, so an oversize body is answered `too_large`, not 1009."""
         return 6 * self.max_body_bytes + 64 * 1024
+
+    @property
+    def deliver_frame_bytes(self) -> int:
+        """Largest frame the relay sends (welcome's max_frame_bytes): the configured
+        cap, or room for one message at the body limit when that is larger."""
+        return max(self.max_frame_bytes, self.frame_limit_bytes)
 
 
 def _seconds(text: str) -> float:
@@ -148,6 +156,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-recipients", "max_recipients", int, "recipients of one send"),
     Option("max-mailbox-messages", "max_mailbox_messages", int, "messages waiting per mailbox"),
     Option("max-mailbox-bytes", "max_mailbox_bytes", int, "bytes waiting per mailbox"),
+    Option("max-frame-bytes", "max_frame_bytes", int, "largest deliver frame sent to a client"),
     Option(
         "allowed-origin",
         "allowed_origins",
@@ -187,6 +196,7 @@ OPTIONS: tuple[Option, ...] = (
         "close a client that does not read for this long",
     ),
     Option("drain-timeout", "drain_timeout_s", _seconds, "time sessions get to close on shutdown"),
+    Option("redis-timeout", "redis_timeout_s", _seconds, "time a Redis request may take"),
     Option(
         "backstop-drain", "backstop_drain_s", _seconds, "period of the safety re-read of mailboxes"
     ),
@@ -336,6 +346,8 @@ def _validate(config: Config) -> None:
         "max_recipients",
         "max_mailbox_messages",
         "max_mailbox_bytes",
+        "max_frame_bytes",
+        "redis_timeout_s",
     )
     for name in positive:
         if getattr(config, name) <= 0:

@@ -52,10 +52,22 @@ class MailboxFull(ClientError):
     code = ErrorCode.MAILBOX_FULL
 
 
-class StorageUnavailable(ClientError):
-    """Redis could not be reached or did not answer in time."""
+class StorageError(ClientError):
+    """Redis failed a request: the base of the two outcomes a client must tell apart."""
 
     code = ErrorCode.STORAGE_UNAVAILABLE
+
+
+class StorageUnavailable(StorageError):
+    """Redis did not run the request: it could not be reached, or refused it."""
+
+    code = ErrorCode.STORAGE_UNAVAILABLE
+
+
+class Unconfirmed(StorageError):
+    """The request was written to Redis and no reply came: it may have run."""
+
+    code = ErrorCode.UNCONFIRMED
 
 
 class UnsafeRedis(RelayError):

@@ -198,6 +198,7 @@ def encode_welcome(
     session: str,
     retention_s: int,
     max_body_bytes: int,
+    max_frame_bytes: int,
     max_inflight: int,
     server_time_ms: int,
     expired: int,
@@ -210,6 +211,7 @@ def encode_welcome(
             "session": session,
             "retention_s": retention_s,
             "max_body_bytes": max_body_bytes,
+            "max_frame_bytes": max_frame_bytes,
             "max_inflight": max_inflight,
             "server_time": server_time_ms,
             "expired": expired,
@@ -247,6 +249,28 @@ def encode_error(code: ErrorCode, message: str, ref: str | None) -> str:
     return _dumps(frame)
 
 
+_DELIVER_HEAD, _DELIVER_TAIL = '{"type":"deliver","messages":[', "]}"
+
+
 def encode_deliver(envelopes: Sequence[str]) -> str:
     """Join already-encoded JSON envelope objects into one `deliver` frame, without re-parsing."""
-    return '{"type":"deliver","messages":[' + ",".join(envelopes) + "]}"
+    return _DELIVER_HEAD + ",".join(envelopes) + _DELIVER_TAIL
+
+
+def encode_delivers(envelopes: Sequence[str], max_frame_bytes: int) -> list[str]:
+    """`deliver` frames of at most `max_frame_bytes` UTF-8 bytes each, in order; an
+    envelope too large for that travels alone."""
+    frames: list[str] = []
+    group: list[str] = []
+    size = len(_DELIVER_HEAD) + len(_DELIVER_TAIL) - 1  # minus the comma the first one skips
+    used = size
+    for envelope in envelopes:
+        length = 1 + (len(envelope) if envelope.isascii() else len(envelope.encode()))
+        if group and used + length > max_frame_bytes:
+            frames.append(encode_deliver(group))
+            group, used = [], size
+        group.append(envelope)
+        used += length
+    if group:
+        frames.append(encode_deliver(group))
+    return frames

@@ -59,7 +59,6 @@ class RedisConnection:
             replyError=_reply_error,
             protocolError=redis.InvalidResponse,
         )
-        self.idle_since = trio.current_time()
 
     @classmethod
     async def open(cls, url: str, *, client_name: str = "relay") -> RedisConnection:
@@ -116,7 +115,6 @@ class RedisConnection:
             if not data:
                 raise ConnectionLost("Redis closed the connection")
             self._reader.feed(data)  # type: ignore[arg-type]  # a bytearray from SSL is fine
-        self.idle_since = trio.current_time()
         return reply
 
     def looks_closed(self) -> bool:

@@ -12,9 +12,13 @@ Failure model:
   loaded and run again;
 - an argument that cannot be encoded fails only its own caller;
 - a broken connection, or a batch whose replies do not come within
-  `timeout_s`, fails every caller still owed a reply with StorageUnavailable,
-  and the connection is thrown away, never reused with replies owed. A batch
-  is never sent twice; the next batch opens a fresh connection, so the pump
+  `timeout_s`, throws the connection away (never reused with replies owed)
+  and answers each command still owed a reply by what the pump knows of it:
+  StorageUnavailable when it was never written (no connection, the login
+  timed out), Unconfirmed once it was written (Redis may have run it). A
+  batch is never sent twice. The requests queued behind a broken batch fail
+  at once with StorageUnavailable, unsent, rather than each waiting out a
+  timeout of its own; the next batch opens a fresh connection, so the pump
   recovers by itself once Redis is back;
 - a caller cancelled before its batch was sent is dropped from the batch; a
   caller cancelled later does not cancel the command, it only stops waiting.
@@ -32,12 +36,10 @@ import attrs
 import redis
 import trio
 
-from relay.errors import StorageUnavailable
+from relay.errors import StorageUnavailable, Unconfirmed
 from relay.redis_conn import ConnectionLost, RedisConnection, pack
 
 log = logging.getLogger(__name__)
-
-IDLE_CHECK_S = 1.0  # a connection idle this long is checked for an EOF before use
 
 
 @attrs.frozen
@@ -103,6 +105,7 @@ class RedisPump:
         self._max_batch = max_batch
         self._on_batch = on_batch
         self._connection: RedisConnection | None = None
+        self._broken: str | None = None  # why the last batch lost its connection
         self._batches = 0
         self._commands = 0
         self._last_batch_size = 0
@@ -160,6 +163,9 @@ class RedisPump:
                     # its callers learn what happened to commands Redis may have run.
                     with trio.CancelScope(shield=True):
                         await self._run_batch([r for r in batch if not r.abandoned])
+                    if self._broken is not None:
+                        self._fail_queued(f"Redis unavailable: {self._broken}; not sent")
+                        self._broken = None
                 finally:
                     for request in batch:
                         if len(request.results) != len(request.commands):
@@ -227,28 +233,39 @@ class RedisPump:
         return results
 
     async def _pipeline(self, packed: list[bytes]) -> list[Any]:
-        """Send packed commands on the connection and read their replies; a failure
-        answers every command with StorageUnavailable and throws the connection away."""
+        """Send packed commands on the connection and read their replies. On a failure
+        the connection is thrown away and each command still owed a reply is answered
+        StorageUnavailable if it was never written, Unconfirmed if it was."""
         if not packed:
             return []
+        replies: list[Any] = []
+        written = False
         try:
             with trio.fail_after(self._timeout_s):
                 connection = await self._connected()
-                return await connection.execute_packed(b"".join(packed), len(packed))
+                written = True  # from here on Redis may run any of them
+                await connection.send(b"".join(packed))
+                while len(replies) < len(packed):
+                    replies.append(await connection.reply())
+                return replies
         except (ConnectionLost, OSError, trio.TooSlowError, redis.RedisError) as exc:
             await self._discard()
-            why = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-            return [StorageUnavailable(f"Redis unavailable: {why}")] * len(packed)
+            self._broken = why = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+            error: Exception = (
+                Unconfirmed(f"Redis did not confirm the request ({why}); it may have been stored")
+                if written
+                else StorageUnavailable(f"Redis unavailable: {why}")
+            )
+            return replies + [error] * (len(packed) - len(replies))
         except BaseException:
             await self._discard()  # cancelled mid-batch: replies are owed on it
             raise
 
     async def _connected(self) -> RedisConnection:
         connection = self._connection
-        if connection is not None and (
-            trio.current_time() - connection.idle_since < IDLE_CHECK_S
-            or not connection.looks_closed()
-        ):
+        # A connection whose end is already seen (a Redis restart, a proxy's idle
+        # timeout) is not written to: what is written there ends up unconfirmed.
+        if connection is not None and not connection.looks_closed():
             return connection
         await self._discard()
         self._connection = await RedisConnection.open(self.url)
@@ -259,13 +276,14 @@ class RedisPump:
             connection, self._connection = self._connection, None
             await connection.aclose()
 
-    def _fail_queued(self) -> None:
+    def _fail_queued(self, why: str = "the Redis pump stopped") -> None:
+        """Answer every queued request StorageUnavailable: none of it was sent."""
         while True:
             try:
                 request = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            request.results = _failed(request, "the Redis pump stopped")
+            request.results = _failed(request, why)
             request.done.set()
 
 

@@ -97,7 +97,9 @@ async def serve_relay(
         ):
             log.warning("%s", warning)
         metrics = Metrics(config.worker_id or 0)
-        pump = RedisPump(redis_url, on_batch=metrics.observe_batch)
+        pump = RedisPump(
+            redis_url, timeout_s=config.redis_timeout_s, on_batch=metrics.observe_batch
+        )
         store = RedisMailboxStore(
             pump,
             prefix=config.key_prefix,

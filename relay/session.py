@@ -24,7 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from relay import protocol
 from relay.codes import CLOSE_REASONS, CloseCode, ErrorCode
 from relay.config import Config
-from relay.errors import BadFrame, ClientError, RateLimited, RelayError, StorageUnavailable
+from relay.errors import BadFrame, ClientError, RateLimited, RelayError, StorageError
 from relay.hub import REPLACED_PREFIX, Hub
 from relay.limits import FrameLimiter, Network
 from relay.logs import pseudonym
@@ -177,17 +177,16 @@ class Session:
             self.close(CloseCode.GOING_AWAY)
         try:
             with self._cancel_scope:
-                try:
-                    await services.hub.subscribe(self.mailbox, self)
-                except StorageUnavailable:
-                    self._close_code = self._close_code or CloseCode.TRY_AGAIN_LATER
-                    raise
+                await services.hub.subscribe(self.mailbox, self)
                 try:
                     await self._serve()
                 finally:
                     services.hub.unsubscribe(self.mailbox, self)
         except ConnectionClosed:
             pass
+        except StorageError as exc:  # only the start raises it: the session never began
+            log.warning("session %s cannot start: %s", pseudonym(self.mailbox), exc.message)
+            self._close_code = self._close_code or CloseCode.TRY_AGAIN_LATER
         except RelayError as exc:
             log.warning("session %s ended: %s", pseudonym(self.mailbox), exc)
             self._close_code = self._close_code or CloseCode.GOING_AWAY
@@ -212,6 +211,7 @@ class Session:
                 self.id,
                 self._config.retention_s,
                 self._config.max_body_bytes,
+                self._config.deliver_frame_bytes,
                 self._config.max_inflight,
                 now_ms(),
                 start.expired,
@@ -354,7 +354,7 @@ class Session:
                     self._must_read = False
                     try:
                         batch = await self._services.store.fetch(self.mailbox, self._cursor, slots)
-                    except StorageUnavailable as exc:
+                    except StorageError as exc:
                         log.warning(
                             "session %s: %s; retrying", pseudonym(self.mailbox), exc.message
                         )
@@ -372,9 +372,11 @@ class Session:
                     self._cursor = deliveries[-1][0]
                     self._unacked.update(message_id for _, message_id, _ in deliveries)
                     self._observe_delivery([seq for seq, _, _ in deliveries])
-                    await self._send(
-                        protocol.encode_deliver([envelope for _, _, envelope in deliveries])
-                    )
+                    for frame in protocol.encode_delivers(
+                        [envelope for _, _, envelope in deliveries],
+                        self._config.deliver_frame_bytes,
+                    ):
+                        await self._send(frame)
         except ConnectionClosed:
             pass
         finally:

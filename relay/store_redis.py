@@ -43,6 +43,7 @@ from relay.errors import (
     RefConflict,
     RelayError,
     StorageUnavailable,
+    Unconfirmed,
 )
 from relay.redis_pump import Command, LuaScript, RedisPump
 from relay.store import Accepted, Delivery, SessionStart, envelope_id
@@ -54,7 +55,9 @@ def _load(name: str) -> LuaScript:
     return LuaScript(name, source)
 
 
-SEND, FETCH, ACK, START, EPOCH = (_load(n) for n in ("send", "fetch", "ack", "start", "epoch"))
+SEND, FETCH, ACK, START, EPOCH, UNSEND = (
+    _load(n) for n in ("send", "fetch", "ack", "start", "epoch", "unsend")
+)
 
 TAG_BYTES = 22  # as in common.lua
 NO_REF = "." * TAG_BYTES  # the tag of a message sent without a ref (not base64url)
@@ -225,27 +228,32 @@ class RedisMailboxStore:
                         f"mailbox {recipient} is full ({result[2]} {result[1]} at most)"
                     )
             except Exception as exc:  # also a ref record the relay cannot read
-                failure = failure or exc
+                # An unconfirmed copy outranks any other failure: it may be stored.
+                if failure is None or isinstance(exc, Unconfirmed):
+                    failure = exc
         if failure is not None:
-            # All or nothing: whatever went wrong, the copies this call stored go.
-            await self._unsend(ref, tag, stored)
+            if not await self._unsend(ref, tag, stored):
+                failure = Unconfirmed("the send failed and some copies may still be stored")
             if isinstance(failure, ClientError):
                 failure.ref = ref
             raise failure
         return Accepted(ids=ids, expires_at_ms=expires_at_ms, duplicate=duplicate)
 
-    async def _unsend(self, ref: str | None, tag: str, stored: list[tuple[str, str]]) -> None:
-        """Delete the copies one failed send stored, with their idempotency records."""
+    async def _unsend(self, ref: str | None, tag: str, stored: list[tuple[str, str]]) -> bool:
+        """Delete, best effort, the copies one failed send stored, each with its ref
+        record; whether every one is known deleted."""
         commands = []
         for recipient, message_id in stored:
             keys = self.keys(recipient)
-            commands.append(self._ack_command(keys, [message_id]))
-            if ref is not None:
-                commands.append(Command(("DEL", keys.ref_prefix + tag)))
-        if commands:
-            for result in await self.pump.execute_many(commands):
-                if isinstance(result, Exception):
-                    raise _storage_error(result)
+            commands.append(
+                Command.call(
+                    UNSEND,
+                    (keys.idx, keys.tally, keys.msg(message_id), keys.ref_prefix + tag),
+                    (message_id, "0" if ref is None else "1"),
+                )
+            )
+        results = await self.pump.execute_many(commands) if commands else []
+        return not any(isinstance(result, Exception) for result in results)
 
     async def start_session(self, mailbox: str, notice: str = "") -> SessionStart:
         keys = self.keys(mailbox)

@@ -171,7 +171,9 @@ async def test_auth_non_auth_first_frame_closes_4401_and_is_not_processed(
 async def test_auth_welcome_has_exactly_the_protocol_fields_with_configured_values(
     make_relay: RelayFactory,
 ) -> None:
-    relay = await make_relay(retention_s=4321, max_body_bytes=2048, max_inflight=7)
+    relay = await make_relay(
+        retention_s=4321, max_body_bytes=2048, max_inflight=7, max_frame_bytes=300_000
+    )
     with trio.fail_after(DEADLINE_S):
         before = wall_ms()
         async with raw_session(relay.url, "bob@example.org/phone-1") as (_, welcome):
@@ -182,6 +184,7 @@ async def test_auth_welcome_has_exactly_the_protocol_fields_with_configured_valu
         "session",
         "retention_s",
         "max_body_bytes",
+        "max_frame_bytes",
         "max_inflight",
         "server_time",
         "expired",
@@ -192,6 +195,7 @@ async def test_auth_welcome_has_exactly_the_protocol_fields_with_configured_valu
     assert isinstance(welcome["session"], str) and welcome["session"]
     assert welcome["retention_s"] == 4321
     assert welcome["max_body_bytes"] == 2048
+    assert welcome["max_frame_bytes"] == 300_000
     assert welcome["max_inflight"] == 7
     assert before - 1000 <= welcome["server_time"] <= after + 1000
     assert welcome["expired"] == 0

@@ -13,6 +13,7 @@ from relay.protocol import (
     encode_accepted,
     encode_acked,
     encode_deliver,
+    encode_delivers,
     encode_error,
     encode_welcome,
 )
@@ -21,19 +22,35 @@ from relay.protocol import (
 
 
 def test_encode_welcome() -> None:
-    text = encode_welcome("bob", "s-1", 604800, 65536, 256, 1_700_000_000_000, 3, "e-1")
+    text = encode_welcome("bob", "s-1", 604800, 65536, 1048576, 256, 1_700_000_000_000, 3, "e-1")
     assert orjson.loads(text) == {
         "type": "welcome",
         "mailbox": "bob",
         "session": "s-1",
         "retention_s": 604800,
         "max_body_bytes": 65536,
+        "max_frame_bytes": 1048576,
         "max_inflight": 256,
         "server_time": 1_700_000_000_000,
         "expired": 3,
         "epoch": "e-1",
     }
     assert " " not in text
+
+
+def test_encode_delivers_splits_by_utf8_bytes() -> None:
+    envelopes = [
+        '{"id":"a","body":"' + "é" * 40 + '"}',
+        '{"id":"b"}',
+        '{"id":"c","body":"' + "x" * 300 + '"}',
+    ]
+    frames = encode_delivers(envelopes, 200)
+    assert len(frames[0].encode()) <= 200
+    assert [m for f in frames for m in orjson.loads(f)["messages"]] == [
+        orjson.loads(e) for e in envelopes
+    ]
+    assert len(frames) == 2 and len(orjson.loads(frames[1])["messages"]) == 1  # c travels alone
+    assert encode_delivers(envelopes[:2], 1000) == [encode_deliver(envelopes[:2])]
 
 
 def test_encode_accepted() -> None:

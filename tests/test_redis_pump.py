@@ -8,6 +8,8 @@ is bounded, and the pump reconnects by itself after a Redis restart.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +19,7 @@ import trio
 import trio.testing
 
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.errors import StorageUnavailable
+from relay.errors import StorageError, StorageUnavailable, Unconfirmed
 from relay.redis_pump import Command, LuaScript, RedisPump
 from relay.redis_sync import RedisClient
 
@@ -322,7 +324,7 @@ async def test_pump_reconnects_after_a_redis_restart(
                 try:
                     reply = await pump.execute("PING")
                     break
-                except StorageUnavailable:
+                except StorageError:
                     await trio.sleep(0.05)
             assert reply == "PONG"
             # The same pump works, scripts are reloaded into the new server's
@@ -403,9 +405,47 @@ async def test_a_batch_whose_reply_was_lost_is_not_run_again(
             assert await trio.to_thread.run_sync(redis_client.blpop, [signal], 5) is not None
             (busy,) = [c for c in redis_client.client_list() if c["cmd"] == "blpop"]
             assert redis_client.client_kill_filter(_id=busy["id"]) == 1
-    # The connection died after Redis ran the batch: the caller is told the
-    # storage is unavailable, and the batch is not sent again.
+    # The connection died after Redis ran the batch: the replies that came are
+    # kept, the one owed is unconfirmed (written, it may have run, and did), never
+    # "unavailable", and the batch is not sent again.
     (replies,) = outcome
     assert isinstance(replies, list)
-    assert all(isinstance(reply, StorageUnavailable) for reply in replies)
+    assert replies[:2] == [1, 1]
+    assert isinstance(replies[2], Unconfirmed)
     assert redis_client.get(counter) == "1"
+
+
+async def test_a_stalled_redis_fails_queued_callers_at_once_and_tells_written_from_unsent(
+    tcp_server: EmbeddedServer, prefix: str, nursery: trio.Nursery
+) -> None:
+    timeout_s = 0.5
+    pump = await start_pump(nursery, tcp_server.url, timeout_s=timeout_s, max_batch=1)
+    key = f"{prefix}n"
+    with trio.fail_after(DEADLINE_S):
+        assert await pump.execute("INCR", key) == 1
+    outcomes: dict[int, Any] = {}
+
+    async def caller(n: int) -> None:
+        try:
+            outcomes[n] = await pump.execute("INCR", key)
+        except (StorageUnavailable, Unconfirmed) as exc:
+            outcomes[n] = exc
+
+    os.kill(tcp_server.pid, signal.SIGSTOP)
+    try:
+        # One batch per caller: had each queued batch waited out its own timeout,
+        # the 20 would take 20 timeouts; failing the queue at once takes about one.
+        with trio.fail_after(4 * timeout_s):
+            async with trio.open_nursery() as callers:
+                callers.start_soon(caller, 0)
+                await trio.testing.wait_all_tasks_blocked()  # its INCR is written
+                for n in range(1, 21):
+                    callers.start_soon(caller, n)
+    finally:
+        os.kill(tcp_server.pid, signal.SIGCONT)
+    assert isinstance(outcomes.pop(0), Unconfirmed)
+    assert len(outcomes) == 20
+    assert all(isinstance(outcome, StorageUnavailable) for outcome in outcomes.values())
+    with trio.fail_after(DEADLINE_S):
+        # Only the written one may have run; the next batch gets a fresh connection.
+        assert await pump.execute("GET", key) == "2"

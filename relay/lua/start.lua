@@ -11,7 +11,10 @@ local expired = math.max(pending - live, 0)
 if live == 0 then
   redis.call('DEL', tally)
 else
-  redis.call('HSET', tally, 'n', live, 'b', bytes)
+  -- A full Redis (noeviction) refuses this HSET when nothing expired: then the
+  -- refresh is skipped, for the session must start so that the recipient can
+  -- drain the mailbox and free the memory.
+  redis.pcall('HSET', tally, 'n', live, 'b', bytes)
   redis.call('PEXPIRE', tally, ARGV[2])
 end
 if ARGV[4] ~= '' then
