@@ -24,11 +24,5 @@ for i = 3, #KEYS do
   end
   removed = removed + redis.call('ZREM', idx, ARGV[i])
 end
-if removed > 0 and redis.call('EXISTS', tally) == 1 then
-  local pending = redis.call('HINCRBY', tally, 'n', -removed)
-  redis.call('HINCRBY', tally, 'b', -freed)
-  if pending <= 0 and redis.call('EXISTS', idx) == 0 then
-    redis.call('DEL', tally)
-  end
-end
+release(idx, tally, removed, freed)
 return deleted

@@ -24,3 +24,15 @@ local function purge(idx, msg_prefix)
   end
   return live, bytes
 end
+
+-- Take `removed` messages of `freed` bytes off the tally; an empty mailbox loses it.
+-- (Called after the deletes: on a full Redis the HINCRBY then still runs.)
+local function release(idx, tally, removed, freed)
+  if removed > 0 and redis.call('EXISTS', tally) == 1 then
+    local pending = redis.call('HINCRBY', tally, 'n', -removed)
+    redis.call('HINCRBY', tally, 'b', -freed)
+    if pending <= 0 and redis.call('EXISTS', idx) == 0 then
+      redis.call('DEL', tally)
+    end
+  end
+end

@@ -10,11 +10,5 @@ if ARGV[2] == '1' then
   redis.call('DEL', ref)
 end
 local removed = redis.call('ZREM', idx, ARGV[1])
-if removed > 0 and redis.call('EXISTS', tally) == 1 then
-  local pending = redis.call('HINCRBY', tally, 'n', -1)
-  redis.call('HINCRBY', tally, 'b', -size)
-  if pending <= 0 and redis.call('EXISTS', idx) == 0 then
-    redis.call('DEL', tally)
-  end
-end
+release(idx, tally, removed, size)
 return removed
