@@ -152,7 +152,7 @@ def run_listen(args: argparse.Namespace) -> int:
             try:
                 async with open_relay(args.url, token) as relay:
                     attempt = 0
-                    epoch = _report_welcome(relay.welcome, epoch)
+                    epoch = report_welcome(relay.welcome, epoch)
                     received = await _print_messages(relay, received, args.count)
                     code = relay.close_code
             except* ConnectionRejected as group:
@@ -196,7 +196,7 @@ async def _print_messages(relay: RelayClient, received: int, count: int | None) 
     return received
 
 
-def _report_welcome(welcome: dict[str, Any], seen_epoch: str | None) -> str | None:
+def report_welcome(welcome: dict[str, Any], seen_epoch: str | None) -> str | None:
     """Say what the welcome tells a user (storage reset, expired messages); the epoch now."""
     epoch = welcome.get("epoch")
     if seen_epoch is not None and epoch is not None and epoch != seen_epoch:

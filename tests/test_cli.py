@@ -19,9 +19,10 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
-from relay_fixtures import SECRET, TEARDOWN_S, RelayFactory, poll_until, unique
+from relay_fixtures import SECRET, TEARDOWN_S, RelayFactory, msg_key, poll_until, unique
 
 from relay.embedded import free_loopback_port
+from relay.redis_sync import RedisClient
 
 pytest_plugins = ["relay_fixtures"]
 
@@ -191,3 +192,94 @@ async def test_listen_stops_on_4409_with_a_message(
                 code = await process.wait()
     assert code == 1
     assert "4409" in read_lines(out)[-1], out.read_text()
+
+
+@asynccontextmanager
+async def relay_process(port: int, redis_url: str, prefix: str, log: Path) -> AsyncIterator[str]:
+    """`relay serve` as a subprocess on `port`; yields its URL once it accepts WebSockets."""
+    args = [*serve_args(port, redis_url, "--jwt-secret", SECRET, "--key-prefix", prefix)]
+    args += ["--drain-timeout", "2"]
+    with log.open("wb") as file:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "relay", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=file,
+            stderr=file,
+            env=ENV,
+        )
+    try:
+        with trio.fail_after(CLI_DEADLINE_S):
+            await poll_until(lambda: b"listening on" in log.read_bytes() or bool(process.poll()))
+        assert process.poll() is None, "relay exited: see " + str(log)
+        yield f"ws://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        with trio.move_on_after(TEARDOWN_S) as scope:
+            scope.shield = True
+            await process.wait()
+        if process.poll() is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_listen_reconnects_after_a_relay_restart(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    from relay_fixtures import token
+
+    from relay.client import open_relay
+
+    port, mailbox = free_loopback_port(), unique("bob")
+    out, log = tmp_path / "listen.out", tmp_path / "relay.log"
+    url = f"ws://127.0.0.1:{port}/v1"
+    # Started before the relay: its first connects fail, and it keeps trying.
+    async with listener(url, mailbox, out) as process:
+        async with relay_process(port, redis_url, prefix, log):
+            with trio.fail_after(CLI_DEADLINE_S):
+                async with open_relay(url, token("alice")) as alice:
+                    await alice.send(mailbox, "before", ref=unique("r"))
+                await poll_until(lambda: bodies(out) == ["before"] or process.poll() is not None)
+        # That relay stopped (1001 to the listener); a new one comes up on the same port.
+        async with relay_process(port, redis_url, prefix, tmp_path / "relay2.log"):
+            with trio.fail_after(CLI_DEADLINE_S):
+                async with open_relay(url, token("alice")) as alice:
+                    await alice.send(mailbox, "after", ref=unique("r"))
+                await poll_until(lambda: "after" in bodies(out) or process.poll() is not None)
+        assert process.poll() is None, out.read_text()
+    assert bodies(out) == ["before", "after"], out.read_text()
+    assert "reconnecting" in out.read_text()
+
+
+async def test_listen_prints_the_welcomes_expired_count(
+    make_relay: RelayFactory, redis_client: RedisClient, prefix: str, tmp_path: Path
+) -> None:
+    from relay_fixtures import token
+
+    from relay.client import open_relay
+
+    relay = await make_relay()
+    mailbox, out = unique("bob"), tmp_path / "listen.out"
+    async with open_relay(relay.url, token("alice")) as alice:
+        gone = await alice.send(mailbox, "gone soon", ttl_s=1, ref=unique("r"))
+        await alice.send(mailbox, "stays", ref=unique("r"))
+    with trio.fail_after(CLI_DEADLINE_S):
+        await poll_until(
+            lambda: not redis_client.exists(msg_key(prefix, mailbox, gone["ids"][mailbox]))
+        )
+    async with listener(relay.url, mailbox, out) as process:
+        with trio.fail_after(CLI_DEADLINE_S):
+            await poll_until(lambda: bodies(out) == ["stays"] or process.poll() is not None)
+    assert "1 message(s) expired before they were delivered" in out.read_text()
+
+
+def test_listen_says_when_the_epoch_changes(capsys: pytest.CaptureFixture[str]) -> None:
+    from relay.cli_client import report_welcome
+
+    epoch = report_welcome({"type": "welcome", "expired": 0}, None)  # a relay without epochs
+    assert epoch is None
+    epoch = report_welcome({"type": "welcome", "expired": 0, "epoch": "e1"}, epoch)
+    assert capsys.readouterr().err == ""
+    assert report_welcome({"type": "welcome", "expired": 0, "epoch": "e1"}, epoch) == "e1"
+    assert capsys.readouterr().err == ""
+    assert report_welcome({"type": "welcome", "expired": 0, "epoch": "e2"}, "e1") == "e2"
+    assert "storage was reset" in capsys.readouterr().err
