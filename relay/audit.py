@@ -17,7 +17,13 @@ from typing import Any
 import attrs
 import orjson
 
-from relay.redis_checks import RedisSettings, evaluate_settings, read_settings
+from relay.redis_checks import (
+    NOTHING_ALLOWED,
+    Allowed,
+    RedisSettings,
+    evaluate_settings,
+    read_settings,
+)
 from relay.redis_sync import RedisClient
 from relay.store_redis import glob_escape, message_sent_ms
 
@@ -89,7 +95,8 @@ class AuditReport:
             f"keys with a TTL over the retention window: {self.over_retention}",
             *(f"  {key} (TTL {ttl_ms} ms)" for key, ttl_ms in self.over_retention_listed),
             f"save {self.settings.save!r}, appendonly {self.settings.appendonly!r}, "
-            f"maxmemory-policy {self.settings.maxmemory_policy!r}",
+            f"maxmemory-policy {self.settings.maxmemory_policy!r}, "
+            f"slowlog-log-slower-than {self.settings.slowlog_log_slower_than!r}",
             *(f"warning: {w}" for w in self.warnings),
             *(f"VIOLATION: {v}" for v in self.violations),
             "OK" if self.ok else "FAILED",
@@ -123,8 +130,7 @@ def audit(
     prefix: str,
     retention_s: int,
     now_ms: int,
-    allow_persistent: bool = False,
-    allow_eviction: bool = False,
+    allowed: Allowed = NOTHING_ALLOWED,
 ) -> AuditReport:
     """Audit the keys under `prefix` and the server's persistence and eviction settings.
 
@@ -155,9 +161,7 @@ def audit(
             if sent_ms is not None and (oldest_sent_ms is None or sent_ms < oldest_sent_ms):
                 oldest_sent_ms = sent_ms
     settings = read_settings(client)
-    settings_violations, warnings = evaluate_settings(
-        settings, allow_persistent=allow_persistent, allow_eviction=allow_eviction
-    )
+    settings_violations, warnings = evaluate_settings(settings, allowed)
     return AuditReport(
         prefix=prefix,
         retention_s=retention_s,

@@ -24,6 +24,7 @@ from relay.audit import audit
 from relay.cli_client import add_listen_command, add_send_command, add_token_command
 from relay.config import Subparsers
 from relay.errors import RelayError, first_leaf
+from relay.redis_checks import redis_allowances
 from relay.redis_sync import connect
 from relay.server import serve_until_signal
 from relay.workers import run_supervisor
@@ -36,6 +37,7 @@ AUDIT_OPTIONS = (
     "retention",
     "allow-persistent-redis",
     "allow-eviction",
+    "allow-slowlog",
     "log-level",
 )
 
@@ -133,8 +135,7 @@ def run_audit(args: argparse.Namespace) -> int:
             config.key_prefix,
             config.retention_s,
             now_ms=time.time_ns() // 1_000_000,
-            allow_persistent=config.allow_persistent_redis,
-            allow_eviction=config.allow_eviction,
+            allowed=redis_allowances(config),
         )
     except redis.RedisError as exc:  # the message names host and port, never the password
         print(f"relay audit: cannot audit Redis: {type(exc).__name__}: {exc}", file=sys.stderr)

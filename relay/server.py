@@ -33,7 +33,14 @@ from relay.hub import Hub
 from relay.limits import parse_networks
 from relay.metrics import Metrics
 from relay.ops import OpsEndpoints, serve_ops
-from relay.redis_checks import RedisSettings, check_settings, read_settings
+from relay.redis_checks import (
+    RedisSettings,
+    Verdict,
+    check_settings,
+    read_settings,
+    redis_allowances,
+    verdicts,
+)
 from relay.redis_pump import RedisPump
 from relay.redis_sync import connect
 from relay.session import CLOSE_TIMEOUT_S, Services
@@ -89,11 +96,7 @@ async def serve_relay(
     redis_url = config.redis_url or (embedded.url if embedded else "")
     try:
         settings = await trio.to_thread.run_sync(_read_settings, redis_url)
-        for warning in check_settings(
-            settings,
-            allow_persistent=config.allow_persistent_redis,
-            allow_eviction=config.allow_eviction,
-        ):
+        for warning in check_settings(settings, redis_allowances(config)):
             log.warning("%s", warning)
         metrics = Metrics(config.worker_id or 0)
         pump = RedisPump(redis_url, on_batch=metrics.observe_batch)
@@ -266,9 +269,7 @@ async def _readiness(services: Services, pump: RedisPump) -> list[str]:
 
 def _policy(config: Config, settings: RedisSettings) -> dict[str, Any]:
     """The promise, as this deployment keeps it (served at /.well-known/relay-policy)."""
-    persistent = settings.save is None or settings.appendonly is None
-    if not persistent:
-        persistent = bool((settings.save or "").strip()) or settings.appendonly == "yes"
+    verdict = verdicts(settings, redis_allowances(config))
     return {
         "protocol": f"relay.v{PROTOCOL_VERSION}",
         "version": __version__,
@@ -277,16 +278,27 @@ def _policy(config: Config, settings: RedisSettings) -> dict[str, Any]:
         "max_body_bytes": config.max_body_bytes,
         "message_deleted_on": ["ack", "ttl"],
         "redis": {
-            "persistence": "unverified"
-            if settings.save is None or settings.appendonly is None
-            else ("on (allowed by --allow-persistent-redis)" if persistent else "off"),
+            "persistence": _state(
+                [verdict["save"], verdict["appendonly"]], "--allow-persistent-redis"
+            ),
             "maxmemory_policy": settings.maxmemory_policy or "unverified",
+            "eviction": _state([verdict["maxmemory-policy"]], "--allow-eviction"),
+            "slowlog": _state([verdict["slowlog-log-slower-than"]], "--allow-slowlog"),
         },
         "bodies_logged": False,
         "mailboxes_in_logs": "plain (debug logging)"
         if config.log_level == "debug"
         else "keyed hash",
     }
+
+
+def _state(verdicts: list[Verdict], flag: str) -> str:
+    """One policy entry from the startup check's verdicts (a violation never gets this far)."""
+    if "unverified" in verdicts:
+        return "unverified"
+    if all(v == "safe" for v in verdicts):
+        return "off"
+    return f"on (allowed by {flag})"
 
 
 async def _sample_oldest(store: RedisMailboxStore, metrics: Metrics) -> None:

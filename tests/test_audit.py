@@ -15,6 +15,7 @@ import trio
 from relay.audit import LISTED_MAX, audit
 from relay.cli import main
 from relay.embedded import EmbeddedServer, free_loopback_port
+from relay.redis_checks import Allowed
 from relay.redis_sync import RedisClient, connect
 from relay.store_redis import RedisMailboxStore
 
@@ -122,7 +123,7 @@ def test_contract_5_audit_counts_unsafe_settings_unless_allowed(
             "Redis setting save",
             "Redis setting maxmemory-policy",
         ]
-        allowed = audit(client, "relay:", RETENTION_S, wall_ms(), True, True)
+        allowed = audit(client, "relay:", RETENTION_S, wall_ms(), Allowed(True, True))
         assert allowed.ok and len(allowed.warnings) == 2
 
     url = private_server.url
@@ -183,7 +184,12 @@ async def test_contract_5_cli_subprocess_json(
     assert (report["keys"], report["messages"]) == (1021, 1001)
     assert report["keys_without_ttl"] == {"count": 1, "listed": [f"{prefix}{{m0}}:msg:0-planted"]}
     assert report["keys_over_retention"] == {"count": 0, "listed": []}
-    assert report["settings"] == {"save": "", "appendonly": "no", "maxmemory_policy": "noeviction"}
+    assert report["settings"] == {
+        "save": "",
+        "appendonly": "no",
+        "maxmemory_policy": "noeviction",
+        "slowlog_log_slower_than": "-1",
+    }
     assert report["oldest_message_age_ms"] > 1_000_000_000  # the planted id says 1970
     assert len(report["violations"]) == 1 and report["warnings"] == []
 

@@ -1,4 +1,5 @@
-"""Contract point 4: the relay refuses a Redis that persists to disk or may evict messages."""
+"""Contract point 4: the relay refuses a Redis that persists to disk, may evict messages,
+or keeps a slow log."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import pytest
 
 from relay.embedded import EmbeddedServer
 from relay.errors import UnsafeRedis
-from relay.redis_checks import RedisSettings, check_settings, read_settings
+from relay.redis_checks import Allowed, RedisSettings, check_settings, read_settings
 from relay.redis_sync import RedisClient, connect
 
-SAFE = RedisSettings(save="", appendonly="no", maxmemory_policy="noeviction")
+SAFE = RedisSettings(
+    save="", appendonly="no", maxmemory_policy="noeviction", slowlog_log_slower_than="-1"
+)
+NONE = Allowed()
+ALL = Allowed(persistent=True, eviction=True, slowlog=True)
 
 
 @pytest.fixture
@@ -32,15 +37,16 @@ def private_client(private_server: EmbeddedServer) -> Iterator[RedisClient]:
 def test_contract_4_safe_server_starts_without_warnings(redis_client: RedisClient) -> None:
     settings = read_settings(redis_client)
     assert settings == SAFE
-    assert check_settings(settings, allow_persistent=False, allow_eviction=False) == []
+    assert check_settings(settings, NONE) == []
 
 
 @pytest.mark.parametrize(
     ("name", "value", "flag", "allow"),
     [
-        ("appendonly", "yes", "--allow-persistent-redis", "allow_persistent"),
-        ("save", "3600 1", "--allow-persistent-redis", "allow_persistent"),
-        ("maxmemory-policy", "volatile-lru", "--allow-eviction", "allow_eviction"),
+        ("appendonly", "yes", "--allow-persistent-redis", "persistent"),
+        ("save", "3600 1", "--allow-persistent-redis", "persistent"),
+        ("maxmemory-policy", "volatile-lru", "--allow-eviction", "eviction"),
+        ("slowlog-log-slower-than", "10000", "--allow-slowlog", "slowlog"),
     ],
 )
 def test_contract_4_unsafe_setting_refused_unless_allowed(
@@ -50,25 +56,27 @@ def test_contract_4_unsafe_setting_refused_unless_allowed(
     settings = read_settings(private_client)
     assert getattr(settings, name.replace("-", "_")) == value
 
-    other = "allow_eviction" if allow == "allow_persistent" else "allow_persistent"
+    others = {k: True for k in ("persistent", "eviction", "slowlog") if k != allow}
     with pytest.raises(UnsafeRedis) as refused:
-        check_settings(settings, **{allow: False, other: True})
+        check_settings(settings, Allowed(**others, **{allow: False}))
     message = str(refused.value)
     assert name in message and repr(value) in message and flag in message
 
-    warnings = check_settings(settings, **{allow: True, other: False})
+    warnings = check_settings(settings, Allowed(**{allow: True}))
     assert len(warnings) == 1
     assert name in warnings[0] and flag in warnings[0]
 
 
 def test_contract_4_refusal_names_every_unsafe_setting() -> None:
-    settings = RedisSettings(save="60 1", appendonly="yes", maxmemory_policy="allkeys-lru")
+    settings = RedisSettings(
+        save="60 1", appendonly="yes", maxmemory_policy="allkeys-lru", slowlog_log_slower_than="0"
+    )
     with pytest.raises(UnsafeRedis) as refused:
-        check_settings(settings, allow_persistent=False, allow_eviction=False)
+        check_settings(settings, NONE)
     message = str(refused.value)
-    for part in ("save", "appendonly", "maxmemory-policy", "outlive", "evicted"):
+    for part in ("save", "appendonly", "maxmemory-policy", "slowlog", "outlive", "evicted"):
         assert part in message
-    assert len(check_settings(settings, allow_persistent=True, allow_eviction=True)) == 3
+    assert len(check_settings(settings, ALL)) == 4
 
 
 def test_contract_4_unreadable_config_warns_what_to_check(
@@ -80,14 +88,16 @@ def test_contract_4_unreadable_config_warns_what_to_check(
     )
     with connect(f"unix://limited:secret@{private_server.socket_path}") as limited:
         settings = read_settings(limited)
-    assert settings == RedisSettings(save=None, appendonly=None, maxmemory_policy=None)
+    assert settings == RedisSettings(
+        save=None, appendonly=None, maxmemory_policy=None, slowlog_log_slower_than=None
+    )
 
-    warnings = check_settings(settings, allow_persistent=False, allow_eviction=False)
-    assert len(warnings) == 3
+    warnings = check_settings(settings, NONE)
+    assert len(warnings) == 4
     for warning, name, safe in zip(
         warnings,
-        ("save", "appendonly", "maxmemory-policy"),
-        ('""', "no", "noeviction"),
+        ("save", "appendonly", "maxmemory-policy", "slowlog-log-slower-than"),
+        ('""', "no", "noeviction", "-1"),
         strict=True,
     ):
         assert "could not verify" in warning and name in warning and safe in warning
