@@ -28,7 +28,7 @@ from relay.codes import CloseCode
 from relay.config import Config
 from relay.connection import handle_request
 from relay.embedded import EmbeddedServer
-from relay.errors import RelayError
+from relay.errors import RelayError, first_leaf
 from relay.hub import Hub
 from relay.limits import parse_networks
 from relay.metrics import Metrics
@@ -241,10 +241,11 @@ async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc
             if request is not None:
                 await handle_request(request, services, verifier)
             reader.cancel_scope.cancel()
-    except Exception:
-        # Never let one connection take the server down; trio-websocket's reader task
-        # can fail on a peer's misbehaviour (e.g. a ping while we are closing).
-        log.warning("connection ended by an error", exc_info=True)
+    except* trio.BrokenResourceError as group:  # the peer hung up or broke TLS: misbehaviour
+        log.warning("connection broken by the peer: %s", first_leaf(group))
+    except* Exception:
+        # A fault; never let one connection take the server down.
+        log.exception("connection ended by an unexpected error")
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
             scope.shield = True
