@@ -127,7 +127,7 @@ OPTIONS: tuple[Option, ...] = (
         "redis-url",
         "redis_url",
         str,
-        "redis://, rediss:// or unix:// URL; default: embedded Valkey",
+        "redis://, rediss:// or unix:// URL",
     ),
     Option("jwt-secret", "jwt_secret", str, "HS256 shared secret for tokens"),
     Option(

@@ -92,7 +92,12 @@ async def serve_relay(
     if config.redis_url is None:
         embedded = EmbeddedServer()
         embedded.start()  # from the main thread: it dies with this process
-        log.info("started embedded Valkey (pid %d); messages live in memory only", embedded.pid)
+        log.info(
+            "started embedded Valkey (pid %d); messages live in memory only, and stopping "
+            "the relay discards them; its URL (for relay audit --redis-url): %s",
+            embedded.pid,
+            embedded.url,
+        )
     redis_url = config.redis_url or (embedded.url if embedded else "")
     try:
         settings = await trio.to_thread.run_sync(_read_settings, redis_url)
@@ -136,6 +141,11 @@ async def serve_relay(
                 )
                 port = config.ops_port + (config.worker_id or 0)
                 ops_port = await background.start(serve_ops, endpoints, config.host, port)
+                log.info(
+                    "ops endpoints at http://%s:%d/ (healthz, readyz, metrics)",
+                    config.host,
+                    ops_port,
+                )
             background.start_soon(_sample_oldest, store, metrics)
             await _serve_websockets(config, services, verifier, redis_url, ops_port, task_status)
             background.cancel_scope.cancel()

@@ -283,3 +283,37 @@ def test_listen_says_when_the_epoch_changes(capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().err == ""
     assert report_welcome({"type": "welcome", "expired": 0, "epoch": "e2"}, "e1") == "e2"
     assert "storage was reset" in capsys.readouterr().err
+
+
+async def test_serve_logs_its_ops_url_and_embedded_valkey_url_for_audit(tmp_path: Path) -> None:
+    port, ops, log = free_loopback_port(), free_loopback_port(), tmp_path / "relay.log"
+    args = ["serve", "--port", str(port), "--ops-port", str(ops), "--jwt-secret", SECRET]
+    with log.open("wb") as file:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "relay", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=file,
+            stderr=file,
+            env=ENV,
+        )
+    try:
+        with trio.fail_after(CLI_DEADLINE_S):
+            await poll_until(lambda: b"listening on" in log.read_bytes() or bool(process.poll()))
+        text = log.read_text()
+        assert f"http://127.0.0.1:{ops}/" in text, text
+        (url,) = (word for word in text.split() if word.startswith("unix://"))
+        audited = await relay_cli("audit", "--redis-url", url)
+        assert audited.returncode == 0, audited.stdout + audited.stderr
+    finally:
+        process.terminate()
+        with trio.move_on_after(TEARDOWN_S) as scope:
+            scope.shield = True
+            await process.wait()
+        if process.poll() is None:
+            process.kill()
+
+
+async def test_audit_help_claims_no_embedded_default() -> None:
+    result = await relay_cli("audit", "--help")
+    assert result.returncode == 0
+    assert b"default: embedded" not in result.stdout and b"embedded Valkey" not in result.stdout
