@@ -147,8 +147,9 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def add_bench_command(subparsers: Subparsers) -> None:
-    """`relay bench`: the load benchmark (bench/). Its heavy imports wait until it runs."""
-    from bench.options import add_arguments
+    """`relay bench`: the load benchmark (bench/, installed as relay_bench). Its heavy
+    imports wait until it runs."""
+    from relay_bench.options import add_arguments
 
     parser = subparsers.add_parser(
         "bench",
@@ -162,12 +163,13 @@ def add_bench_command(subparsers: Subparsers) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     try:
-        from bench.cli import run
+        from relay_bench.cli import run
     except ModuleNotFoundError as exc:
         if exc.name not in ("rich", "hdrh", "matplotlib"):
             raise
         print(
-            f"relay bench needs {exc.name}: pip install 'ephemeral-relay[bench]'", file=sys.stderr
+            f"relay bench needs {exc.name}: pip install '.[bench]' from a checkout of the relay",
+            file=sys.stderr,
         )
         return EXIT_USAGE
     status: int = run(args)

@@ -1,0 +1,28 @@
+"""The wheel installs `relay` and `relay_bench`, and no generic top-level name like `bench`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_TIMEOUT_S = 120
+
+
+def test_wheel_installs_no_top_level_bench(tmp_path: Path) -> None:
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run(
+        [*pip_wheel, str(ROOT), "-w", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {
+        name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")
+    }
+    assert top_level == {"relay", "relay_bench"}, top_level
+    assert "relay/lua/send.lua" in names and "relay_bench/cli.py" in names
