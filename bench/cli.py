@@ -16,17 +16,17 @@ import time
 
 from rich.console import Console
 
-from bench import plots, report
-from bench.checks import Failures
-from bench.options import BenchOptions, from_args
-from bench.outcome import Outcome
-from bench.profile import Profiler
-from bench.redis_probe import RedisProbe
-from bench.runner import Run
-from bench.system import command_line, git_commit, machine, pin_self, raise_open_files, utc_now
-from bench.target import SpawnedRelay, Target, TargetError, probe
-from bench.wire import mailbox
-from bench.workloads import WORKLOADS
+from . import plots, report
+from .checks import Failures
+from .options import BenchOptions, from_args
+from .outcome import Outcome
+from .profile import Profiler
+from .redis_probe import RedisProbe
+from .runner import Run
+from .system import command_line, git_commit, machine, pin_self, raise_open_files, utc_now
+from .target import SpawnedRelay, Target, TargetError, probe
+from .wire import mailbox
+from .workloads import WORKLOADS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_RETENTION_FOR_URL_S = 120  # retention against a given relay: its window must be short
@@ -156,8 +156,8 @@ def _relay_alive(target: Target) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bench.cli WORKLOAD ...`, the same as `relay bench`."""
-    from bench.options import add_arguments
+    """`python -m relay_bench.cli WORKLOAD ...`, the same as `relay bench`."""
+    from .options import add_arguments
 
     parser = argparse.ArgumentParser(prog="relay bench", description=__doc__)
     add_arguments(parser)

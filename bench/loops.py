@@ -22,10 +22,10 @@ import trio
 from hdrh.histogram import HdrHistogram
 from trio_websocket import ConnectionClosed
 
-from bench import wire
-from bench.checks import Failures, SessionChecker
-from bench.measure import Recorder, new_histogram
-from bench.procs import DELIVERED, SENT, Link
+from . import wire
+from .checks import Failures, SessionChecker
+from .measure import Recorder, new_histogram
+from .procs import DELIVERED, SENT, Link
 
 OPEN_LOOP_MAX_OUTSTANDING = 10_000  # unaccepted sends per sender before the open loop waits
 

@@ -84,7 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--procs", type=int, help="load generator processes (default 1)")
     add("--relay-cpu", help="--spawn: taskset CPU list of the relay, e.g. 0")
     add("--client-cpu", help="taskset CPU list of the generator (and the spawned Valkey), e.g. 1")
-    add("--out", default="bench/results", help="directory of the JSON, Markdown and PNG results")
+    add(
+        "--out",
+        default="bench-results",
+        help="directory of the JSON, Markdown and PNG results (default: ./bench-results)",
+    )
     add("--redis-url", help="--url mode: the relay's Redis, for key, TTL and command checks")
     add("--key-prefix", default="relay:", help="--url mode: the relay's Redis key prefix")
     add("--relay-pid", type=int, help="--url mode: the relay's PID, for its CPU and memory")

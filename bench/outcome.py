@@ -8,8 +8,8 @@ from typing import Any
 import attrs
 from hdrh.histogram import HdrHistogram
 
-from bench.measure import merge, percentiles
-from bench.runner import Run
+from .measure import merge, percentiles
+from .runner import Run
 
 SATURATED = 0.9  # a process using more than this share of one core is the bottleneck
 NOISY_CORES = 0.1  # CPU used by other processes above which a run is not on a quiet machine

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 from hdrh.histogram import HdrHistogram
 from matplotlib.ticker import FixedLocator, FuncFormatter
 
-from bench.measure import BUCKET_S
+from .measure import BUCKET_S
 
 MAX_PERCENTILE = 99.999
 

@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import trio
 
-from bench.options import BenchOptions
+from .options import BenchOptions
 
 SENT, DELIVERED, CONNECTED = 0, 1, 2
 SLOTS = 3

@@ -10,7 +10,7 @@ reached, against a private embedded Valkey on a unix socket. Three ways:
 - `plain_pipeline`: no Trio at all; one thread sending the same commands in
   redis-py pipelines of 50 (the ceiling of the worker-thread side alone).
 
-    python -m bench.redis_pump [--commands 20000] [--tasks 50] [--rounds 3] [--seed 1]
+    python -m relay_bench.redis_pump [--commands 20000] [--tasks 50] [--rounds 3] [--seed 1]
 
 Prints one line per way and round, then the best of the rounds and the pump's
 speed-up over one thread call per command.

@@ -11,10 +11,10 @@ import attrs
 from rich.console import Console
 from rich.table import Table
 
-from bench.checks import Failures
-from bench.options import BenchOptions
-from bench.outcome import Outcome
-from bench.target import Target
+from .checks import Failures
+from .options import BenchOptions
+from .outcome import Outcome
+from .target import Target
 
 
 def _redact(url: str | None) -> str | None:

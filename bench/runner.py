@@ -17,14 +17,14 @@ import attrs
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.checks import Failures
-from bench.options import BenchOptions
-from bench.procs import CONNECTED, DELIVERED, SENT, WorkerFailed, WorkerSpec, run_workers, split
-from bench.profile import Profiler
-from bench.redis_probe import RedisProbe
-from bench.relay_metrics import delta, scrape
-from bench.system import machine_busy_s, process_cpu_s, process_rss_bytes
-from bench.target import Target
+from .checks import Failures
+from .options import BenchOptions
+from .procs import CONNECTED, DELIVERED, SENT, WorkerFailed, WorkerSpec, run_workers, split
+from .profile import Profiler
+from .redis_probe import RedisProbe
+from .relay_metrics import delta, scrape
+from .system import machine_busy_s, process_cpu_s, process_rss_bytes
+from .target import Target
 
 KEYS_LEFT_WAIT_S = 3.0
 

@@ -54,10 +54,14 @@ def _memory_mib() -> int | None:
 
 
 def git_commit() -> dict[str, Any]:
+    """The commit of the benchmark's own checkout (not of the current directory); None
+    when it runs from an installed wheel."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(
-                ["git", *args], capture_output=True, text=True, timeout=10, check=True
+                ["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=True
             )
         except (OSError, subprocess.SubprocessError):
             return None

@@ -26,8 +26,9 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
-from bench import wire
 from relay.embedded import EmbeddedServer, free_loopback_port
+
+from . import wire
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0

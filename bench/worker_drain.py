@@ -16,11 +16,11 @@ from typing import Any
 import orjson
 import trio
 
-from bench import wire
-from bench.checks import Failures, SessionChecker
-from bench.loops import Pair, RoundContext, RoundStats, receive, run_round, send_windowed
-from bench.measure import CpuClock, Recorder
-from bench.procs import CONNECTED, DELIVERED, Link, WorkerSpec
+from . import wire
+from .checks import Failures, SessionChecker
+from .loops import Pair, RoundContext, RoundStats, receive, run_round, send_windowed
+from .measure import CpuClock, Recorder
+from .procs import CONNECTED, DELIVERED, Link, WorkerSpec
 
 GATES = {
     "drain": ("store:start", "store:end", "drain:start", "drain:end"),

@@ -17,10 +17,10 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed
 
-from bench import wire
-from bench.checks import Failures
-from bench.measure import CpuClock, Recorder
-from bench.procs import CONNECTED, DELIVERED, Link, WorkerSpec
+from . import wire
+from .checks import Failures
+from .measure import CpuClock, Recorder
+from .procs import CONNECTED, DELIVERED, Link, WorkerSpec
 
 GATES = ("baseline", "connected", "held")
 PINGS_PER_S = 200.0

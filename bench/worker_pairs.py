@@ -13,9 +13,9 @@ from typing import Any
 
 import trio
 
-from bench import wire
-from bench.checks import Failures, SessionChecker
-from bench.loops import (
+from . import wire
+from .checks import Failures, SessionChecker
+from .loops import (
     Pair,
     RoundContext,
     RoundStats,
@@ -24,9 +24,9 @@ from bench.loops import (
     roundtrip,
     run_round,
 )
-from bench.measure import CpuClock, Recorder
-from bench.options import BenchOptions, warmup_messages
-from bench.procs import CONNECTED, Link, WorkerSpec
+from .measure import CpuClock, Recorder
+from .options import BenchOptions, warmup_messages
+from .procs import CONNECTED, Link, WorkerSpec
 
 # Rounds of each workload: (label, warm up first, kind of loop)
 PLANS: dict[str, list[tuple[str, bool, str]]] = {

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import worker_idle
-from bench.measure import merge, percentiles
-from bench.outcome import Outcome, generator_cpu, latency_rows, merge_failures
-from bench.procs import CONNECTED
-from bench.runner import Run
+from . import worker_idle
+from .measure import merge, percentiles
+from .outcome import Outcome, generator_cpu, latency_rows, merge_failures
+from .procs import CONNECTED
+from .runner import Run
 
 IDLE_BYTES_TARGET = 32 * 1024  # relay memory per connection, at 5,000 connections
 
@@ -17,7 +17,7 @@ def idle(run: Run) -> Outcome:
     o = run.options
     outcome = Outcome()
     results = run.run_workers(
-        "bench.worker_idle:run",
+        f"{__package__}.worker_idle:run",
         worker_idle.GATES,
         o.connections,
         o.connections,

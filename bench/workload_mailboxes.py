@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from bench import worker_drain
-from bench.measure import merge, percentiles
-from bench.outcome import (
+from . import worker_drain
+from .measure import merge, percentiles
+from .outcome import (
     Outcome,
     cost_rows,
     keys_left_rows,
@@ -16,8 +16,8 @@ from bench.outcome import (
     rounds_of,
     summarize_round,
 )
-from bench.procs import SENT
-from bench.runner import Run
+from .procs import SENT
+from .runner import Run
 
 DRAIN_TARGET = 20_000.0  # msgs/s
 EXPIRY_GRACE_S = 0.5  # after the last key's TTL, before "every key gone" must hold
@@ -28,7 +28,7 @@ def drain(run: Run) -> Outcome:
     outcome = Outcome()
     expected = 2 * o.pairs * o.messages
     results = run.run_workers(
-        "bench.worker_drain:run", worker_drain.GATES["drain"], o.pairs, expected
+        f"{__package__}.worker_drain:run", worker_drain.GATES["drain"], o.pairs, expected
     )
     merge_failures(run, results)
     if not results:
@@ -104,7 +104,7 @@ def retention(run: Run) -> Outcome:
 
     expected = o.pairs * o.messages
     results = run.run_workers(
-        "bench.worker_drain:run",
+        f"{__package__}.worker_drain:run",
         worker_drain.GATES["retention"],
         o.pairs,
         expected,

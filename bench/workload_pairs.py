@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import worker_pairs
-from bench.measure import merge, new_histogram, percentiles
-from bench.options import warmup_messages
-from bench.outcome import (
+from . import worker_pairs
+from .measure import merge, new_histogram, percentiles
+from .options import warmup_messages
+from .outcome import (
     Outcome,
     cost_rows,
     keys_left_rows,
@@ -20,7 +20,7 @@ from bench.outcome import (
     public,
     summarize_round,
 )
-from bench.runner import Run
+from .runner import Run
 
 THROUGHPUT_TARGET = 7_200.0  # msgs/s: 1.25x python-socketio on this machine class
 LATENCY_P99_TARGET_US = 3_000.0  # at 2,000 msgs/s offered
@@ -33,7 +33,9 @@ def _pairs(run: Run, labels: tuple[str, ...]) -> list[dict[str, Any]] | None:
     o = run.options
     per_round = o.messages + warmup_messages(o)
     expected = o.pairs * per_round * len(labels)
-    results = run.run_workers("bench.worker_pairs:run", worker_pairs.gates(o), o.pairs, expected)
+    results = run.run_workers(
+        f"{__package__}.worker_pairs:run", worker_pairs.gates(o), o.pairs, expected
+    )
     merge_failures(run, results)
     return results
 

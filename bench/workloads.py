@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bench.outcome import Outcome
-from bench.runner import Run
-from bench.workload_idle import idle
-from bench.workload_mailboxes import drain, retention
-from bench.workload_pairs import burst, latency, roundtrip, throughput
+from .outcome import Outcome
+from .runner import Run
+from .workload_idle import idle
+from .workload_mailboxes import drain, retention
+from .workload_pairs import burst, latency, roundtrip, throughput
 
 WORKLOADS: dict[str, Callable[[Run], Outcome]] = {
     "throughput": throughput,

@@ -21,7 +21,13 @@ from typing import Any
 import attrs
 import orjson
 
-from relay.redis_checks import RedisSettings, evaluate_settings, read_settings
+from relay.redis_checks import (
+    NOTHING_ALLOWED,
+    Allowed,
+    RedisSettings,
+    evaluate_settings,
+    read_settings,
+)
 from relay.redis_sync import RedisClient
 from relay.store_redis import glob_escape, message_sent_ms
 
@@ -169,9 +175,7 @@ def audit(
     prefix: str,
     retention_s: int,
     now_ms: int,
-    allow_persistent: bool = False,
-    allow_eviction: bool = False,
-    allow_slowlog: bool = False,
+    allowed: Allowed = NOTHING_ALLOWED,
     dedupe_window_s: int = 600,
 ) -> AuditReport:
     """Audit the keys under `prefix` and the server's persistence and eviction settings.
@@ -209,12 +213,7 @@ def audit(
                 oldest_sent_ms = sent_ms
     stale = list(_stale_refs(client, refs, base_of, dedupe_window_s * 1000))
     settings = read_settings(client)
-    settings_violations, warnings = evaluate_settings(
-        settings,
-        allow_persistent=allow_persistent,
-        allow_eviction=allow_eviction,
-        allow_slowlog=allow_slowlog,
-    )
+    settings_violations, warnings = evaluate_settings(settings, allowed)
     return AuditReport(
         prefix=prefix,
         retention_s=retention_s,

@@ -13,7 +13,6 @@ import argparse
 import secrets
 import sys
 import time
-from typing import TypeAlias
 
 import attrs
 import redis
@@ -23,15 +22,14 @@ from relay import config as relay_config
 from relay import logs
 from relay.audit import audit
 from relay.cli_client import add_listen_command, add_send_command, add_token_command
-from relay.errors import RelayError
+from relay.config import Subparsers
+from relay.errors import RelayError, first_leaf
+from relay.redis_checks import redis_allowances
 from relay.redis_sync import connect
 from relay.server import serve_until_signal
 from relay.workers import run_supervisor
 
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
-
-# Quoted: argparse's class is generic only in typeshed.
-Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 AUDIT_OPTIONS = (
     "redis-url",
@@ -72,16 +70,20 @@ def run_serve(args: argparse.Namespace) -> int:
     if config.jwt_secret is None and not config.jwt_public_keys:
         config = attrs.evolve(config, jwt_secret=secrets.token_urlsafe(32))
         _announce_development_secret(config)
+    problems: list[str] = []
     try:
         if config.workers > 1:
             run_supervisor(config)
         else:
             trio.run(serve_until_signal, config)
-    except RelayError as exc:
-        print(f"relay serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (OSError, redis.RedisError) as exc:
-        print(f"relay serve: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except* RelayError as group:
+        problems.append(str(first_leaf(group)))
+    except* redis.RedisError as group:  # the message names host and port, never the password
+        problems.append(f"cannot reach Redis: {first_leaf(group)}")
+    except* OSError as group:
+        problems.append(f"cannot start: {first_leaf(group)}")
+    if problems:
+        print(f"relay serve: {problems[0]}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
 
@@ -134,9 +136,7 @@ def run_audit(args: argparse.Namespace) -> int:
             config.key_prefix,
             config.retention_s,
             now_ms=time.time_ns() // 1_000_000,
-            allow_persistent=config.allow_persistent_redis,
-            allow_eviction=config.allow_eviction,
-            allow_slowlog=config.allow_slowlog,
+            allowed=redis_allowances(config),
             dedupe_window_s=config.dedupe_window_s,
         )
     except redis.RedisError as exc:  # the message names host and port, never the password
@@ -149,8 +149,9 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def add_bench_command(subparsers: Subparsers) -> None:
-    """`relay bench`: the load benchmark (bench/). Its heavy imports wait until it runs."""
-    from bench.options import add_arguments
+    """`relay bench`: the load benchmark (bench/, installed as relay_bench). Its heavy
+    imports wait until it runs."""
+    from relay_bench.options import add_arguments
 
     parser = subparsers.add_parser(
         "bench",
@@ -164,12 +165,13 @@ def add_bench_command(subparsers: Subparsers) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     try:
-        from bench.cli import run
+        from relay_bench.cli import run
     except ModuleNotFoundError as exc:
         if exc.name not in ("rich", "hdrh", "matplotlib"):
             raise
         print(
-            f"relay bench needs {exc.name}: pip install 'ephemeral-relay[bench]'", file=sys.stderr
+            f"relay bench needs {exc.name}: pip install '.[bench]' from a checkout of the relay",
+            file=sys.stderr,
         )
         return EXIT_USAGE
     status: int = run(args)

@@ -5,7 +5,7 @@ Precedence: command-line flags over environment variables over the TOML file
 on the command line, `RELAY_MAX_BODY_BYTES` in the environment, and
 `max-body-bytes` (or `max_body_bytes`) in the file. Fields carry their unit
 in their name (`retention_s`); options that take durations accept `90s`,
-`15m`, `2h`, `7d` or plain seconds.
+`15m`, `2h`, `7d` or plain seconds, and sizes accept `64MiB`, `512KiB` or plain bytes.
 """
 
 from __future__ import annotations
@@ -15,11 +15,17 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import attrs
 
-from relay.policy import parse_duration
+from relay.auth import HS256_MIN_SECRET_BYTES
+from relay.policy import parse_duration, parse_size
+
+# Quoted: argparse's class is generic only in typeshed.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @attrs.frozen
@@ -132,7 +138,7 @@ OPTIONS: tuple[Option, ...] = (
         "redis-url",
         "redis_url",
         str,
-        "redis://, rediss:// or unix:// URL; default: embedded Valkey",
+        "redis://, rediss:// or unix:// URL",
     ),
     Option("jwt-secret", "jwt_secret", str, "HS256 shared secret for tokens"),
     Option(
@@ -151,12 +157,14 @@ OPTIONS: tuple[Option, ...] = (
         parse_duration,
         "how long a delivered message's ref is remembered for retries (e.g. 10m)",
     ),
-    Option("max-body-bytes", "max_body_bytes", int, "largest message body in UTF-8 bytes"),
+    Option("max-body-bytes", "max_body_bytes", parse_size, "largest message body in UTF-8 bytes"),
     Option("max-inflight", "max_inflight", int, "delivered-but-unacked messages per session"),
     Option("max-recipients", "max_recipients", int, "recipients of one send"),
     Option("max-mailbox-messages", "max_mailbox_messages", int, "messages waiting per mailbox"),
-    Option("max-mailbox-bytes", "max_mailbox_bytes", int, "bytes waiting per mailbox"),
-    Option("max-frame-bytes", "max_frame_bytes", int, "largest deliver frame sent to a client"),
+    Option("max-mailbox-bytes", "max_mailbox_bytes", parse_size, "bytes waiting per mailbox"),
+    Option(
+        "max-frame-bytes", "max_frame_bytes", parse_size, "largest deliver frame sent to a client"
+    ),
     Option(
         "allowed-origin",
         "allowed_origins",
@@ -182,7 +190,7 @@ OPTIONS: tuple[Option, ...] = (
         "allow-slowlog",
         "allow_slowlog",
         _bool,
-        "run against a Redis whose slow log is on (it keeps command arguments)",
+        "run against a Redis whose slow log is on (it may keep message bodies)",
         boolean=True,
     ),
     Option("key-prefix", "key_prefix", str, "prefix of every Redis key the relay writes"),
@@ -358,3 +366,10 @@ def _validate(config: Config) -> None:
         raise ValueError("--tls-cert and --tls-key go together")
     if config.idle_timeout_s <= 0 or config.ping_interval_s <= 0:
         raise ValueError("ping interval and idle timeout must be positive")
+    if config.jwt_secret is not None and len(config.jwt_secret.encode()) < HS256_MIN_SECRET_BYTES:
+        raise ValueError(f"--jwt-secret must be at least {HS256_MIN_SECRET_BYTES} bytes")
+    if config.redis_url is not None and not config.redis_url.startswith(REDIS_SCHEMES):
+        scheme = config.redis_url.partition("://")[0][:20]  # never the rest: it may hold a password
+        raise ValueError(
+            f"--redis-url has scheme {scheme + '://'!r}; expected {', '.join(REDIS_SCHEMES)}"
+        )

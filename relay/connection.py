@@ -1,6 +1,7 @@
 """From a WebSocket handshake to an authenticated session.
 
-Refuses a foreign `Origin` with HTTP 403 before the upgrade, selects the
+Refuses a foreign `Origin` with HTTP 403 before the upgrade (a handshake without
+one is not from a browser, and is accepted), selects the
 `relay.v1` subprotocol when offered, and authenticates by the `Authorization:
 Bearer` header or by an `auth` frame sent first within `auth_timeout`. Every
 authentication failure closes with 4401 and the same reason; nothing else is
@@ -20,6 +21,7 @@ from relay.auth import Identity, Verifier
 from relay.codes import CLOSE_REASONS, CloseCode
 from relay.errors import AuthError, ClientError
 from relay.limits import client_address
+from relay.metrics import close_code_label
 from relay.session import CLOSE_TIMEOUT_S, Services, Session
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ async def handle_request(request: WebSocketRequest, services: Services, verifier
         services.connections[address] -= 1
         if services.connections[address] <= 0:
             del services.connections[address]
-        metrics.connections_closed.labels(str(code)).inc()
+        metrics.connections_closed.labels(close_code_label(code)).inc()
 
 
 async def _admit(request: WebSocketRequest, services: Services) -> str | None:
@@ -87,7 +89,9 @@ async def _admit(request: WebSocketRequest, services: Services) -> str | None:
     if request.path.partition("?")[0] != PATH:
         await _refuse(request, services, 404, b"the relay serves WebSockets at /v1\n")
         return None
-    if config.allowed_origins and _header(request, b"origin") not in config.allowed_origins:
+    origin = _header(request, b"origin")
+    # No Origin: not a browser, so no cross-site risk; browsers always send one.
+    if config.allowed_origins and origin is not None and origin not in config.allowed_origins:
         await _refuse(request, services, 403, b"origin not allowed\n")
         return None
     if services.connections.total() >= config.max_connections:

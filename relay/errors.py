@@ -1,5 +1,7 @@
 """The relay's error tree: each error that reaches a client knows its wire code."""
 
+from typing import Any
+
 from relay.codes import ErrorCode
 
 
@@ -76,3 +78,11 @@ class UnsafeRedis(RelayError):
 
 class AuthError(RelayError):
     """A token was refused. Deliberately carries no detail to the client."""
+
+
+def first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception in a (nested) group: the one a one-line report names."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

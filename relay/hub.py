@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
+import orjson
 import trio
 
 from relay.errors import StorageUnavailable
@@ -41,6 +42,16 @@ log = logging.getLogger(__name__)
 REPLACED_PREFIX = "!r "  # a notice "!r <session id>"; message notices start with a digit
 SEQ = re.compile(r"[0-9]{1,18}")  # a sequence number as send.lua writes it (ASCII, fits int64)
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # secrets.token_urlsafe's alphabet
+
+
+def _is_envelope(text: str, message_id: str) -> bool:
+    """Whether `text` is a JSON object with this id: sessions join envelopes into deliver
+    frames unparsed, so one forged notice must not make a frame no client can read."""
+    try:
+        parsed = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("id") == message_id
 
 
 class Subscriber(Protocol):
@@ -286,7 +297,7 @@ class Hub:
         else:
             seq, _, envelope = data.partition(" ")
             message_id = envelope_id(envelope) if SEQ.fullmatch(seq) else None
-            if message_id is not None:
+            if message_id is not None and _is_envelope(envelope, message_id):
                 for subscriber in list(subscribers):
                     subscriber.on_message(int(seq), message_id, envelope)
                 return

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from relay.codes import CloseCode
+
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The codes protocol v1 defines, and those a WebSocket reports by itself (1005 no code given,
+# 1006 dropped, 1011 the relay's handler failed). Any other code a client sends is "other",
+# so one client cannot create a time series per code.
+LABELLED_CLOSE_CODES = frozenset(int(c) for c in CloseCode) | {1005, 1006, 1011, 1013}
+
+
+def close_code_label(code: int) -> str:
+    return str(code) if code in LABELLED_CLOSE_CODES else "other"
 
 
 class Metrics:
@@ -23,7 +33,7 @@ class Metrics:
         )
         self.connections_closed = Counter(
             "relay_connections_closed",
-            "WebSocket connections closed, by close code",
+            "WebSocket connections closed, by close code (codes the protocol does not define: other)",
             ["code"],
             registry=r,
         )

@@ -10,6 +10,8 @@ MAILBOX_ID_RULE = "1 to 128 bytes of [A-Za-z0-9._:@/-]"
 
 _DURATION_RE = re.compile(r"([0-9]+)([smhd]?)")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_RE = re.compile(r"([0-9]+)\s*(B|KiB|MiB|GiB)?")
+_UNIT_BYTES = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 
 def is_valid_mailbox(s: str) -> bool:
@@ -29,6 +31,20 @@ def parse_duration(text: str) -> int:
     if seconds <= 0:
         raise ValueError(f"invalid duration {text[:40]!r}: must be positive")
     return seconds
+
+
+def parse_size(text: str) -> int:
+    """Bytes in `64MiB`, `512KiB`, `1GiB` or plain integer bytes; must be positive."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f"invalid size {text[:40]!r}: expected whole bytes or a number "
+            "followed by B, KiB, MiB or GiB (e.g. 512KiB, 64MiB)"
+        )
+    size = int(match[1]) * _UNIT_BYTES[match[2]]
+    if size <= 0:
+        raise ValueError(f"invalid size {text[:40]!r}: must be positive")
+    return size
 
 
 def resolve_ttl_s(ttl_s: int | None, retention_s: int) -> int:

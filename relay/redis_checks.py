@@ -3,18 +3,20 @@
 A Redis that snapshots (`save`) or logs (`appendonly yes`) keeps copies of
 messages on disk that outlive their deletion in memory; a `maxmemory-policy`
 other than `noeviction` lets Redis drop undelivered messages silently when it
-runs out of memory; a slow log (`slowlog-log-slower-than` >= 0) keeps the
-arguments of slow commands, message bodies among them, after the message is
-gone. Managed Redis often disables CONFIG: then the settings
+runs out of memory; a slow log (`slowlog-log-slower-than` not negative) keeps
+the arguments of slow commands, message bodies among them. Managed Redis often disables CONFIG: then the settings
 cannot be verified, and the operator is told what to check by hand.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import attrs
 import redis
 from redis.cluster import ClusterNode
 
+from relay.config import Config
 from relay.errors import UnsafeRedis
 from relay.redis_sync import RedisClient
 
@@ -24,7 +26,7 @@ ALLOW_SLOWLOG_FLAG = "--allow-slowlog"
 
 _PERSISTED = "messages written to disk would outlive their deletion from memory"
 _EVICTED = "undelivered messages could be silently evicted when Redis runs out of memory"
-_SLOWLOGGED = "the slow log keeps command arguments, message bodies among them"
+_SLOWLOGGED = "the slow log keeps the arguments of slow commands, message bodies among them"
 # setting -> (its safe value, why it matters, the flag that allows an unsafe value)
 _RULES = {
     "save": ('""', _PERSISTED, ALLOW_PERSISTENT_FLAG),
@@ -32,6 +34,8 @@ _RULES = {
     "maxmemory-policy": ("noeviction", _EVICTED, ALLOW_EVICTION_FLAG),
     "slowlog-log-slower-than": ("-1", _SLOWLOGGED, ALLOW_SLOWLOG_FLAG),
 }
+
+Verdict = Literal["safe", "allowed", "violation", "unverified"]
 
 
 @attrs.frozen
@@ -42,6 +46,22 @@ class RedisSettings:
     appendonly: str | None
     maxmemory_policy: str | None
     slowlog_log_slower_than: str | None
+
+
+@attrs.frozen
+class Allowed:
+    """The unsafe settings the operator allowed with a flag."""
+
+    persistent: bool = False
+    eviction: bool = False
+    slowlog: bool = False
+
+
+NOTHING_ALLOWED = Allowed()
+
+
+def redis_allowances(config: Config) -> Allowed:
+    return Allowed(config.allow_persistent_redis, config.allow_eviction, config.allow_slowlog)
 
 
 def _is_safe(name: str, value: str) -> bool:
@@ -90,68 +110,53 @@ def read_settings(client: RedisClient) -> RedisSettings:
     )
 
 
-def evaluate_settings(
-    settings: RedisSettings,
-    *,
-    allow_persistent: bool,
-    allow_eviction: bool,
-    allow_slowlog: bool = False,
-) -> tuple[list[str], list[str]]:
+def _checked(settings: RedisSettings, allowed: Allowed) -> list[tuple[str, str | None, bool]]:
+    """(setting, its value, whether an unsafe value is allowed) for each checked setting."""
+    return [
+        ("save", settings.save, allowed.persistent),
+        ("appendonly", settings.appendonly, allowed.persistent),
+        ("maxmemory-policy", settings.maxmemory_policy, allowed.eviction),
+        ("slowlog-log-slower-than", settings.slowlog_log_slower_than, allowed.slowlog),
+    ]
+
+
+def _verdict(name: str, value: str | None, allowed: bool) -> Verdict:
+    if value is None:
+        return "unverified"
+    if _is_safe(name, value):
+        return "safe"
+    return "allowed" if allowed else "violation"
+
+
+def verdicts(settings: RedisSettings, allowed: Allowed) -> dict[str, Verdict]:
+    """Each checked setting's verdict: what the startup check and the policy both report."""
+    return {name: _verdict(name, value, ok) for name, value, ok in _checked(settings, allowed)}
+
+
+def evaluate_settings(settings: RedisSettings, allowed: Allowed) -> tuple[list[str], list[str]]:
     """The violations and the warnings these settings give, as messages for the operator."""
     violations: list[str] = []
     warnings: list[str] = []
-    for name, value, allowed in (
-        ("save", settings.save, allow_persistent),
-        ("appendonly", settings.appendonly, allow_persistent),
-        ("maxmemory-policy", settings.maxmemory_policy, allow_eviction),
-        ("slowlog-log-slower-than", settings.slowlog_log_slower_than, allow_slowlog),
-    ):
+    for name, value, ok in _checked(settings, allowed):
         safe, why, flag = _RULES[name]
-        if value is None:
+        verdict = _verdict(name, value, ok)
+        if verdict == "unverified":
             warnings.append(
                 f"could not verify Redis setting {name} (CONFIG GET was refused): "
                 f"check by hand that it is {safe}, otherwise {why}"
             )
-        elif not _is_safe(name, value):
-            problem = f"Redis setting {name} is {value!r}: {why}"
-            if allowed:
-                warnings.append(f"{problem} (allowed by {flag})")
-            else:
-                violations.append(f"{problem}; set {name} {safe} or pass {flag}")
+        elif verdict == "allowed":
+            warnings.append(f"Redis setting {name} is {value!r}: {why} (allowed by {flag})")
+        elif verdict == "violation":
+            violations.append(
+                f"Redis setting {name} is {value!r}: {why}; set {name} {safe} or pass {flag}"
+            )
     return violations, warnings
 
 
-def check_settings(
-    settings: RedisSettings,
-    *,
-    allow_persistent: bool,
-    allow_eviction: bool,
-    allow_slowlog: bool = False,
-) -> list[str]:
+def check_settings(settings: RedisSettings, allowed: Allowed) -> list[str]:
     """Raise UnsafeRedis if the settings break the contract; return the warnings to log."""
-    violations, warnings = evaluate_settings(
-        settings,
-        allow_persistent=allow_persistent,
-        allow_eviction=allow_eviction,
-        allow_slowlog=allow_slowlog,
-    )
+    violations, warnings = evaluate_settings(settings, allowed)
     if violations:
         raise UnsafeRedis("; ".join(violations))
     return warnings
-
-
-def _state(settings: RedisSettings, names: tuple[str, ...], on: str, off: str) -> str:
-    values = [getattr(settings, name.replace("-", "_")) for name in names]
-    flag = _RULES[names[0]][2]
-    if any(v is not None and not _is_safe(n, v) for n, v in zip(names, values, strict=True)):
-        return f"{on} (allowed by {flag})"  # the relay runs, so the flag allowed it
-    return "unverified" if None in values else off
-
-
-def describe_settings(settings: RedisSettings) -> dict[str, str]:
-    """The settings as /.well-known/relay-policy reports them, by the same rules as the checks."""
-    return {
-        "persistence": _state(settings, ("save", "appendonly"), "on", "off"),
-        "maxmemory_policy": settings.maxmemory_policy or "unverified",
-        "slowlog": _state(settings, ("slowlog-log-slower-than",), "on", "off"),
-    }

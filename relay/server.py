@@ -28,12 +28,19 @@ from relay.codes import CloseCode
 from relay.config import Config
 from relay.connection import handle_request
 from relay.embedded import EmbeddedServer
-from relay.errors import RelayError
+from relay.errors import RelayError, first_leaf
 from relay.hub import Hub
 from relay.limits import parse_networks
 from relay.metrics import Metrics
 from relay.ops import OpsEndpoints, serve_ops
-from relay.redis_checks import RedisSettings, check_settings, describe_settings, read_settings
+from relay.redis_checks import (
+    RedisSettings,
+    Verdict,
+    check_settings,
+    read_settings,
+    redis_allowances,
+    verdicts,
+)
 from relay.redis_pump import RedisPump
 from relay.redis_sync import connect
 from relay.session import CLOSE_TIMEOUT_S, Services
@@ -85,16 +92,16 @@ async def serve_relay(
     if config.redis_url is None:
         embedded = EmbeddedServer()
         embedded.start()  # from the main thread: it dies with this process
-        log.info("started embedded Valkey (pid %d); messages live in memory only", embedded.pid)
+        log.info(
+            "started embedded Valkey (pid %d); messages live in memory only, and stopping "
+            "the relay discards them; its URL (for relay audit --redis-url): %s",
+            embedded.pid,
+            embedded.url,
+        )
     redis_url = config.redis_url or (embedded.url if embedded else "")
     try:
         settings = await trio.to_thread.run_sync(_read_settings, redis_url)
-        for warning in check_settings(
-            settings,
-            allow_persistent=config.allow_persistent_redis,
-            allow_eviction=config.allow_eviction,
-            allow_slowlog=config.allow_slowlog,
-        ):
+        for warning in check_settings(settings, redis_allowances(config)):
             log.warning("%s", warning)
         metrics = Metrics(config.worker_id or 0)
         pump = RedisPump(
@@ -143,6 +150,11 @@ async def serve_relay(
                 )
                 port = config.ops_port + (config.worker_id or 0)
                 ops_port = await background.start(serve_ops, endpoints, config.host, port)
+                log.info(
+                    "ops endpoints at http://%s:%d/ (healthz, readyz, metrics)",
+                    config.host,
+                    ops_port,
+                )
             background.start_soon(_sample_oldest, store, metrics)
             await _serve_websockets(config, services, verifier, redis_url, ops_port, task_status)
             background.cancel_scope.cancel()
@@ -248,10 +260,11 @@ async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc
             if request is not None:
                 await handle_request(request, services, verifier)
             reader.cancel_scope.cancel()
-    except Exception:
-        # Never let one connection take the server down; trio-websocket's reader task
-        # can fail on a peer's misbehaviour (e.g. a ping while we are closing).
-        log.warning("connection ended by an error", exc_info=True)
+    except* trio.BrokenResourceError as group:  # the peer hung up or broke TLS: misbehaviour
+        log.warning("connection broken by the peer: %s", first_leaf(group))
+    except* Exception:
+        # A fault; never let one connection take the server down.
+        log.exception("connection ended by an unexpected error")
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
             scope.shield = True
@@ -276,6 +289,7 @@ async def _readiness(services: Services, pump: RedisPump) -> list[str]:
 
 def _policy(config: Config, settings: RedisSettings) -> dict[str, Any]:
     """The promise, as this deployment keeps it (served at /.well-known/relay-policy)."""
+    verdict = verdicts(settings, redis_allowances(config))
     return {
         "protocol": f"relay.v{PROTOCOL_VERSION}",
         "version": __version__,
@@ -284,12 +298,29 @@ def _policy(config: Config, settings: RedisSettings) -> dict[str, Any]:
         "max_body_bytes": config.max_body_bytes,
         "message_deleted_on": ["ack", "ttl"],
         "dedupe_window_s": min(config.dedupe_window_s, config.retention_s),
-        "redis": describe_settings(settings),
+        "redis": {
+            "persistence": _state(
+                [verdict["save"], verdict["appendonly"]], "--allow-persistent-redis"
+            ),
+            "maxmemory_policy": settings.maxmemory_policy or "unverified",
+            "eviction": _state([verdict["maxmemory-policy"]], "--allow-eviction"),
+            "slowlog": _state([verdict["slowlog-log-slower-than"]], "--allow-slowlog"),
+        },
         "bodies_logged": False,
         "mailboxes_in_logs": "plain (debug logging)"
         if config.log_level == "debug"
         else "keyed hash",
     }
+
+
+def _state(verdicts: list[Verdict], flag: str) -> str:
+    """One policy entry from the startup check's verdicts (a violation never gets this far):
+    one setting known unsafe makes it on, whatever the others could not tell."""
+    if "allowed" in verdicts:
+        return f"on (allowed by {flag})"
+    if "unverified" in verdicts:
+        return "unverified"
+    return "off"
 
 
 async def _sample_oldest(store: RedisMailboxStore, metrics: Metrics) -> None:

@@ -15,6 +15,7 @@ import trio
 from relay.audit import LISTED_MAX, audit
 from relay.cli import main
 from relay.embedded import EmbeddedServer, free_loopback_port
+from relay.redis_checks import Allowed
 from relay.redis_sync import RedisClient, connect
 from relay.store_redis import RedisMailboxStore
 
@@ -123,7 +124,7 @@ def test_contract_5_audit_counts_unsafe_settings_unless_allowed(
             "Redis setting save",
             "Redis setting maxmemory-policy",
         ]
-        allowed = audit(client, "relay:", RETENTION_S, wall_ms(), True, True)
+        allowed = audit(client, "relay:", RETENTION_S, wall_ms(), Allowed(True, True))
         assert allowed.ok and len(allowed.warnings) == 2
 
     url = private_server.url

@@ -17,30 +17,32 @@ pytest.importorskip("rich")
 pytest.importorskip("hdrh")
 pytest.importorskip("matplotlib")
 
-from bench.checks import Failures, SelfCheckFailed, SessionChecker
+from relay_bench.checks import Failures, SelfCheckFailed, SessionChecker
 
 RUN_TIMEOUT_S = 60
 TINY_RUN = ("throughput", "--spawn", "--pairs", "2", "--messages", "50")
 
 
 def test_throughput_run_delivers_everything_and_passes_its_checks(tmp_path: Path) -> None:
+    """Without --out, results go to ./bench-results of the current directory."""
     done = subprocess.run(
-        [sys.executable, "-m", "relay", "bench", *TINY_RUN, "--out", str(tmp_path)],
+        [sys.executable, "-m", "relay", "bench", *TINY_RUN],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT_S,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (result_path,) = tmp_path.glob("throughput-*.json")
+    (result_path,) = (tmp_path / "bench-results").glob("throughput-*.json")
     result = json.loads(result_path.read_text())
     assert result["ok"] is True
     assert result["failures"] == []
     assert result["sent"] == result["delivered"] == 100
     assert result["results"]["keys_left"] == 0
     assert result["git"]["commit"]
-    assert list(tmp_path.glob("throughput-*.md"))
-    assert list(tmp_path.glob("throughput-*-latency.png"))
+    assert list((tmp_path / "bench-results").glob("throughput-*.md"))
+    assert list((tmp_path / "bench-results").glob("throughput-*-latency.png"))
 
 
 def test_out_of_order_delivery_fails_the_run_loudly() -> None:

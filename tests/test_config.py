@@ -119,3 +119,20 @@ async def test_jwt_public_key_file_verifies_eddsa_tokens(
     with trio.fail_after(DEADLINE_S):
         async with open_relay(relay.url, token) as client:
             assert client.welcome["mailbox"] == "ed"
+
+
+def test_sizes_accept_units_like_durations() -> None:
+    environ = {"RELAY_MAX_MAILBOX_BYTES": "64MiB"}
+    config = load(parse(["--max-body-bytes", "512KiB"]), environ=environ)
+    assert (config.max_body_bytes, config.max_mailbox_bytes) == (512 * 1024, 64 * 1024 * 1024)
+    assert load(parse(["--max-body-bytes", "1000"]), environ={}).max_body_bytes == 1000
+    with pytest.raises(SystemExit):
+        parse(["--max-body-bytes", "64MB"])
+
+
+def test_short_jwt_secret_and_foreign_redis_url_are_refused_while_loading() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        load(parse(["--jwt-secret", "short"]), environ={})
+    with pytest.raises(ValueError, match="redis://") as refused:
+        load(parse(["--redis-url", "http://user:hunter2@host/0"]), environ={})
+    assert "hunter2" not in str(refused.value)

@@ -216,6 +216,6 @@ def test_policy_uses_the_checks_evaluation() -> None:
     settings = RedisSettings(
         save=None, appendonly="yes", maxmemory_policy="noeviction", slowlog_log_slower_than="-1"
     )
-    redis = _policy(Config(), settings)["redis"]
+    redis = _policy(Config(allow_persistent_redis=True), settings)["redis"]
     assert redis["persistence"] == "on (allowed by --allow-persistent-redis)"
     assert redis["slowlog"] == "off"

@@ -1,4 +1,5 @@
-"""Contract point 4: the relay refuses a Redis that persists to disk or may evict messages."""
+"""Contract point 4: the relay refuses a Redis that persists to disk, may evict messages,
+or keeps a slow log."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import pytest
 
 from relay.embedded import EmbeddedServer
 from relay.errors import UnsafeRedis
-from relay.redis_checks import RedisSettings, check_settings, read_settings
+from relay.redis_checks import Allowed, RedisSettings, check_settings, read_settings
 from relay.redis_sync import RedisClient, connect
 
 SAFE = RedisSettings(
     save="", appendonly="no", maxmemory_policy="noeviction", slowlog_log_slower_than="-1"
 )
-ALLOWS = ("allow_persistent", "allow_eviction", "allow_slowlog")
+NONE = Allowed()
+ALL = Allowed(persistent=True, eviction=True, slowlog=True)
 
 
 @pytest.fixture
@@ -35,17 +37,16 @@ def private_client(private_server: EmbeddedServer) -> Iterator[RedisClient]:
 def test_contract_4_safe_server_starts_without_warnings(redis_client: RedisClient) -> None:
     settings = read_settings(redis_client)
     assert settings == SAFE
-    assert check_settings(settings, allow_persistent=False, allow_eviction=False) == []
+    assert check_settings(settings, NONE) == []
 
 
 @pytest.mark.parametrize(
     ("name", "value", "flag", "allow"),
     [
-        ("appendonly", "yes", "--allow-persistent-redis", "allow_persistent"),
-        ("save", "3600 1", "--allow-persistent-redis", "allow_persistent"),
-        ("maxmemory-policy", "volatile-lru", "--allow-eviction", "allow_eviction"),
-        ("slowlog-log-slower-than", "10000", "--allow-slowlog", "allow_slowlog"),
-        ("slowlog-log-slower-than", "0", "--allow-slowlog", "allow_slowlog"),
+        ("appendonly", "yes", "--allow-persistent-redis", "persistent"),
+        ("save", "3600 1", "--allow-persistent-redis", "persistent"),
+        ("maxmemory-policy", "volatile-lru", "--allow-eviction", "eviction"),
+        ("slowlog-log-slower-than", "10000", "--allow-slowlog", "slowlog"),
     ],
 )
 def test_contract_4_unsafe_setting_refused_unless_allowed(
@@ -55,14 +56,13 @@ def test_contract_4_unsafe_setting_refused_unless_allowed(
     settings = read_settings(private_client)
     assert getattr(settings, name.replace("-", "_")) == value
 
-    others = {other: True for other in ALLOWS if other != allow}
+    others = {k: True for k in ("persistent", "eviction", "slowlog") if k != allow}
     with pytest.raises(UnsafeRedis) as refused:
-        check_settings(settings, **{allow: False}, **others)
+        check_settings(settings, Allowed(**others, **{allow: False}))
     message = str(refused.value)
     assert name in message and repr(value) in message and flag in message
 
-    others = {other: False for other in ALLOWS if other != allow}
-    warnings = check_settings(settings, **{allow: True}, **others)
+    warnings = check_settings(settings, Allowed(**{allow: True}))
     assert len(warnings) == 1
     assert name in warnings[0] and flag in warnings[0]
 
@@ -72,14 +72,11 @@ def test_contract_4_refusal_names_every_unsafe_setting() -> None:
         save="60 1", appendonly="yes", maxmemory_policy="allkeys-lru", slowlog_log_slower_than="0"
     )
     with pytest.raises(UnsafeRedis) as refused:
-        check_settings(settings, allow_persistent=False, allow_eviction=False)
+        check_settings(settings, NONE)
     message = str(refused.value)
-    for part in ("save", "appendonly", "maxmemory-policy", "outlive", "evicted", "slowlog"):
+    for part in ("save", "appendonly", "maxmemory-policy", "slowlog", "outlive", "evicted"):
         assert part in message
-    allowed = check_settings(
-        settings, allow_persistent=True, allow_eviction=True, allow_slowlog=True
-    )
-    assert len(allowed) == 4
+    assert len(check_settings(settings, ALL)) == 4
 
 
 def test_contract_4_unreadable_config_warns_what_to_check(
@@ -95,7 +92,7 @@ def test_contract_4_unreadable_config_warns_what_to_check(
         save=None, appendonly=None, maxmemory_policy=None, slowlog_log_slower_than=None
     )
 
-    warnings = check_settings(settings, allow_persistent=False, allow_eviction=False)
+    warnings = check_settings(settings, NONE)
     assert len(warnings) == 4
     for warning, name, safe in zip(
         warnings,
