@@ -61,7 +61,7 @@ def url_of(relay: RunningRelay) -> str:
 def bodies_stored(client: RedisClient, prefix: str, mailbox: str) -> list[str]:
     keys = list(client.scan_iter(match=f"{prefix}{{{mailbox}}}:msg:*"))
     # a stored value is "<tag of its ref record>\n<envelope>" (relay/store_redis.py)
-    values = [v.partition("\n")[2] for v in client.mget(keys) if v is not None]
+    values = [str(v).partition("\n")[2] for v in client.mget(keys) if v is not None]
     return sorted(orjson.loads(v)["body"] for v in values)
 
 
