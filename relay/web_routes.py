@@ -158,7 +158,9 @@ def respond(head: bytes, *, demo: bool) -> bytes:
         (b"Cache-Control", b"no-cache"),
         (b"X-Content-Type-Options", b"nosniff"),
     ]
-    if path in DEMO_PATHS:
+    if path not in DEMO_PATHS:  # the module may be imported by an app's page on another origin
+        headers.append((b"Access-Control-Allow-Origin", b"*"))
+    else:
         headers += [
             (b"Content-Security-Policy", DEMO_CSP.encode()),
             (b"Referrer-Policy", b"no-referrer"),
