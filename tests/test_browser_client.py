@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -49,14 +48,16 @@ CHROMIUM_ARGS = [
 BROWSER_DEADLINE_S = 25.0  # one whole browser test
 STEP_MS = 10_000  # one playwright step
 
+# In CI (.ci/run) a skip is a failure: there the browser tests must really run.
+_REQUIRED = os.environ.get("RELAY_BROWSER_TEST_REQUIRED") == "1"
 pytestmark = [
     pytest.mark.skipif(
-        importlib.util.find_spec("playwright") is None,
+        not _REQUIRED and importlib.util.find_spec("playwright") is None,
         reason="the playwright package is not installed (pip install playwright)",
     ),
     pytest.mark.skipif(
-        not (os.path.exists(CHROMIUM) or shutil.which("chromium")),
-        reason=f"no chromium at {CHROMIUM} (apt-get install chromium)",
+        not _REQUIRED and not os.path.exists(CHROMIUM),
+        reason=f"no chromium at {CHROMIUM} (apt-get install chromium, or set RELAY_TEST_CHROMIUM)",
     ),
 ]
 
@@ -365,7 +366,8 @@ async def test_the_demo_page_exchanges_a_message_between_two_pages(
             page = browser.new_page()
             page.set_default_timeout(STEP_MS)
             page.goto(f"{http_origin(relay)}/demo#token={token(name)}")
-            page.wait_for_function("document.getElementById('state').textContent === 'open'")
+            # A selector, not wait_for_function: the page's CSP forbids the eval that needs.
+            page.wait_for_selector("#state.state-open")
             assert page.url.endswith("/demo")  # the token left the address bar
             pages[name] = page
         alice, bob = pages["alice-d"], pages["bob-d"]
