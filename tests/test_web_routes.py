@@ -3,7 +3,10 @@ for every other path; the upgrade path stays /v1."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import trio
+from process_fixtures import relay_process
 from relay_fixtures import DEADLINE_S, HttpResponse, RelayFactory, raw_session
 
 from relay.server import RunningRelay
@@ -73,3 +76,13 @@ async def test_websockets_still_work_behind_the_http_routes(relay: RunningRelay)
 async def test_an_oversize_request_head_is_refused(relay: RunningRelay) -> None:
     response = await get(relay.port, "/relay.js", "X-Big: " + "a" * 20000)
     assert response.status == 431
+
+
+async def test_relay_serve_demo_flag_serves_the_demo_page(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    async with relay_process(redis_url, prefix, tmp_path / "relay.log", "--demo") as relay:
+        port = int(relay.url.split(":")[2].split("/")[0])
+        response = await get(port, "/demo")
+        assert response.status == 200, relay.log()
+        assert b'from "/relay.js"' in response.body

@@ -121,7 +121,7 @@ export class RelayClient extends EventTarget {
     this._idleTimer = null;
     this._lastFrameAt = 0;
     this._probed = false;
-    /** @type {{resolve: (w: any) => void, reject: (e: Error) => void} | null} */
+    /** @type {{promise: Promise<any>, resolve: (w: any) => void, reject: (e: Error) => void} | null} */
     this._connecting = null;
     /** counters, for the curious and for tests */
     this.stats = { connects: 0, welcomes: 0, ackFrames: 0, sends: 0, duplicatesDropped: 0 };
@@ -133,10 +133,18 @@ export class RelayClient extends EventTarget {
    * @returns {Promise<Record<string, any>>}
    */
   connect() {
-    if (this.state === "open" && this.welcome) return Promise.resolve(this.welcome);
-    const promise = new Promise((resolve, reject) => {
-      this._connecting = { resolve, reject };
+    if (!this._stopped && this.state === "open" && this.welcome) {
+      return Promise.resolve(this.welcome);
+    }
+    if (this._connecting) return this._connecting.promise;
+    /** @type {any} */
+    const connecting = {};
+    connecting.promise = new Promise((resolve, reject) => {
+      connecting.resolve = resolve;
+      connecting.reject = reject;
     });
+    this._connecting = connecting;
+    const promise = connecting.promise;
     if (this._stopped) {
       this._stopped = false;
       this._attempt = 0;

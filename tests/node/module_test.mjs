@@ -46,6 +46,14 @@ try {
   check(error instanceof RelayError && error.code === "ttl_too_long", "a definite error rejects with its code");
 }
 
+const quiet = client(async () => alice, { idleTimeoutMs: 1000 });
+const first = quiet.connect();
+check(quiet.connect() === first, "connect() while connecting returns the same promise");
+await first;
+await new Promise((r) => setTimeout(r, 2500)); // the point is time passing in silence
+check(quiet.stats.welcomes === 1 && quiet.state === "open", "idle probes keep a quiet connection open");
+quiet.close();
+
 const newer = client(bobAgain);
 await newer.connect();
 await until(() => b.state === "closed");
