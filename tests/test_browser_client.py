@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -47,6 +48,7 @@ CHROMIUM_ARGS = [
 ]
 BROWSER_DEADLINE_S = 25.0  # one whole browser test
 STEP_MS = 10_000  # one playwright step
+SENDS = 60  # of the killed-relay test
 
 # In CI (.ci/run) a skip is a failure: there the browser tests must really run.
 _REQUIRED = os.environ.get("RELAY_BROWSER_TEST_REQUIRED") == "1"
@@ -191,31 +193,40 @@ async def test_sends_pending_when_the_relay_is_killed_are_stored_exactly_once_af
     relay: RelayProcess = await restartable()
     port = int(relay.url.split(":")[2].split("/")[0])
 
+    async def pause() -> None:
+        relay.process.send_signal(signal.SIGSTOP)
+
     def scenario(browser: Any) -> tuple[list[str], int]:
         page = open_page(browser, f"http://127.0.0.1:{port}")
         start_client(page, port, token("alice-k"))
-        # A burst of sends; the relay dies after the first answer, so some were stored
-        # unanswered and some never reached it. All stay pending and are resent, same ref.
         page.evaluate(
-            """() => {
+            """(n) => {
                  window.accepted = [];
                  window.sendErrors = [];
-                 for (let i = 0; i < 60; i++) {
-                   client.send("carol-k", `k${i}`, { ttl: 600 }).then(
-                     (a) => window.accepted.push(a), (e) => window.sendErrors.push(e.code));
-                 }
+                 window.burst = (from, to) => {
+                   for (let i = from; i < to; i++) {
+                     client.send("carol-k", `k${i}`, { ttl: 600 }).then(
+                       (a) => window.accepted.push(a), (e) => window.sendErrors.push(e.code));
+                   }
+                 };
                }"""
         )
-        page.wait_for_function("window.accepted.length >= 1")
+        page.evaluate("burst(0, 10)")
+        page.wait_for_function("window.accepted.length === 10")
+        # The relay stops answering (SIGSTOP): these sends reach its socket, unanswered;
+        # then it dies (SIGKILL) and a new one starts on the port. The page resends them.
+        trio.from_thread.run(pause)
+        page.evaluate(f"burst(10, {SENDS})")
+        page.wait_for_function(f"client.pendingCount === {SENDS - 10}")
         trio.from_thread.run(restartable)
-        page.wait_for_function("window.accepted.length + window.sendErrors.length === 60")
+        page.wait_for_function(f"window.accepted.length + window.sendErrors.length === {SENDS}")
         return page.evaluate("window.sendErrors"), page.evaluate("client.stats.welcomes")
 
     errors, welcomes = await in_browser(scenario)
     assert errors == []
     assert welcomes == 2
     stored = _stored_bodies(redis_client, prefix, "carol-k")
-    assert sorted(stored) == sorted(f"k{i}" for i in range(60))  # each exactly once
+    assert sorted(stored) == sorted(f"k{i}" for i in range(SENDS))  # each exactly once
 
 
 def _stored_bodies(redis_client: RedisClient, prefix: str, mailbox: str) -> list[str]:
