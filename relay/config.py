@@ -72,6 +72,7 @@ class Config:
     tls_key: str | None = None
     log_level: str = "info"
     log_format: str = "text"
+    demo: bool = False  # serve the demo chat page at /demo
 
     @property
     def frame_limit_bytes(self) -> int:
@@ -242,6 +243,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("tls-key", "tls_key", str, "PEM private key for --tls-cert"),
     Option("log-level", "log_level", _choice("debug", "info", "warning", "error"), "log level"),
     Option("log-format", "log_format", _choice("text", "json"), "log line format"),
+    Option("demo", "demo", _bool, "serve the demo chat page at /demo", boolean=True),
 )
 
 

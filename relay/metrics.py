@@ -47,6 +47,9 @@ class Metrics:
         self.delivered = Counter(
             "relay_messages_delivered", "Messages delivered to a session", registry=r
         )
+        self.ack_frames = Counter(
+            "relay_ack_frames_received", "Ack frames received from clients", registry=r
+        )
         self.acked = Counter("relay_messages_acked", "Messages deleted by an ack", registry=r)
         self.expired = Counter(
             "relay_messages_expired_undelivered",

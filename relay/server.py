@@ -45,6 +45,14 @@ from relay.redis_pump import RedisPump
 from relay.redis_sync import connect
 from relay.session import CLOSE_TIMEOUT_S, Services
 from relay.store_redis import Quota, RedisMailboxStore
+from relay.web_routes import (
+    HeadTooLarge,
+    ReplayStream,
+    head_too_large,
+    is_upgrade,
+    read_head,
+    respond,
+)
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +252,26 @@ async def _serve_websockets(
 
 async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc.Stream) -> None:
     """One TCP connection: the WebSocket handshake within the auth timeout, then the
-    request handler; the stream is closed in every case (also after a refused handshake)."""
+    request handler; the stream is closed in every case (also after a refused handshake).
+    A plain HTTP request (no Upgrade) is answered by web_routes: wsproto would answer it
+    400 before the path is known."""
     config = services.config
     try:
         async with trio.open_nursery() as reader:  # trio-websocket's reader task runs here
             request = None
             with trio.move_on_after(config.auth_timeout_s):
+                try:
+                    head = await read_head(stream)
+                except HeadTooLarge:
+                    await stream.send_all(head_too_large())
+                    return
+                if not is_upgrade(head):
+                    if head:
+                        await stream.send_all(respond(head, demo=config.demo))
+                    return
                 request = await wrap_server_stream(
                     reader,
-                    stream,
+                    ReplayStream(stream, head),
                     MESSAGE_QUEUE_SIZE,
                     config.frame_limit_bytes,
                     RECEIVE_BUFFER_BYTES,

@@ -328,6 +328,7 @@ class Session:
                 )
             )
         elif isinstance(frame, protocol.AckFrame):
+            self._services.metrics.ack_frames.inc()
             count = await store.ack(self.mailbox, frame.ids)
             self._services.metrics.acked.inc(count)
             released = 0

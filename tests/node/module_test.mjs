@@ -1,0 +1,63 @@
+// relay.js in Node (a global WebSocket: 22+, or 20 with --experimental-websocket).
+// Usage: node module_test.mjs <ws url> <token alice> <token bob> <token bob again>
+// Prints one line per check; exits non-zero on the first failure.
+import { RelayClient, RelayError } from "../../relay/web/relay.js";
+
+const [url, alice, bob, bobAgain] = process.argv.slice(2);
+const deadline = setTimeout(() => { console.error("FAIL: deadline"); process.exit(2); }, 20000);
+
+function check(ok, what) {
+  if (!ok) { console.error(`FAIL: ${what}`); process.exit(1); }
+  console.log(`ok: ${what}`);
+}
+async function until(condition) {
+  while (!condition()) await new Promise((r) => setTimeout(r, 10));
+}
+function client(token, options = {}) {
+  const c = new RelayClient(url, { token, minBackoffMs: 50, maxBackoffMs: 300, ...options });
+  c.got = [];
+  c.addEventListener("message", (e) => c.got.push(e.detail));
+  return c;
+}
+
+const a = client(async () => alice);
+const b = client(bob, { autoAck: false });
+await Promise.all([a.connect(), b.connect()]);
+check(a.state === "open" && b.welcome.mailbox, "connect resolves on welcome");
+
+const sends = [];
+for (let i = 0; i < 50; i++) sends.push(a.send(b.welcome.mailbox, `n${i}`));
+const accepted = await Promise.all(sends);
+check(new Set(accepted.map((x) => x.ref)).size === 50, "every send has its own random ref");
+await until(() => b.got.length >= 50);
+check(b.got.map((m) => m.body).join() === [...Array(50).keys()].map((i) => `n${i}`).join(), "50 in order, each once");
+
+b._ws.close(4000, "test: reconnect");
+await until(() => b.stats.welcomes === 2 && b.stats.duplicatesDropped === 50);
+check(b.got.length === 50, "redeliveries after a reconnect are dropped");
+for (const m of b.got) b.ack(m.id);
+await until(() => b._acks.size === 0);
+check(b.stats.ackFrames === 1, "50 acks in one frame");
+
+try {
+  await a.send(b.welcome.mailbox, "x", { ttl: 10 ** 9 });
+  check(false, "ttl_too_long rejects");
+} catch (error) {
+  check(error instanceof RelayError && error.code === "ttl_too_long", "a definite error rejects with its code");
+}
+
+const quiet = client(async () => alice, { idleTimeoutMs: 1000 });
+const first = quiet.connect();
+check(quiet.connect() === first, "connect() while connecting returns the same promise");
+await first;
+await new Promise((r) => setTimeout(r, 2500)); // the point is time passing in silence
+check(quiet.stats.welcomes === 1 && quiet.state === "open", "idle probes keep a quiet connection open");
+quiet.close();
+
+const newer = client(bobAgain);
+await newer.connect();
+await until(() => b.state === "closed");
+check(b._reconnectTimer === null, "4409 stops the older client");
+a.close(); newer.close();
+clearTimeout(deadline);
+console.log("all ok");

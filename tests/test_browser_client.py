@@ -1,0 +1,397 @@
+"""relay.js in a real Chromium (Debian's, driven by playwright) against real relays and Redis.
+
+Playwright's sync API runs in a worker thread (`trio.to_thread.run_sync`); the
+thread reaches back into the test's event loop with `trio.from_thread.run` to
+kill or restart a relay mid-test. Skipped, with the reason, where chromium or
+playwright is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+from process_fixtures import RelayProcess, relay_process
+from relay_fixtures import (
+    DEADLINE_S,
+    RelayFactory,
+    answer,
+    poll_until,
+    raw_session,
+    send_json,
+    token,
+)
+
+from relay.embedded import free_loopback_port
+from relay.redis_sync import RedisClient
+from relay.server import RunningRelay
+
+pytest_plugins = ["relay_fixtures"]
+
+CHROMIUM = os.environ.get("RELAY_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+BROWSER_DEADLINE_S = 25.0  # one whole browser test
+STEP_MS = 10_000  # one playwright step
+SENDS = 60  # of the killed-relay test
+
+# In CI (.ci/run) a skip is a failure: there the browser tests must really run.
+_REQUIRED = os.environ.get("RELAY_BROWSER_TEST_REQUIRED") == "1"
+pytestmark = [
+    pytest.mark.skipif(
+        not _REQUIRED and importlib.util.find_spec("playwright") is None,
+        reason="the playwright package is not installed (pip install playwright)",
+    ),
+    pytest.mark.skipif(
+        not _REQUIRED and not os.path.exists(CHROMIUM),
+        reason=f"no chromium at {CHROMIUM} (apt-get install chromium, or set RELAY_TEST_CHROMIUM)",
+    ),
+]
+
+T = TypeVar("T")
+
+# Installed in a page: window.start(url, token | null, options) makes a RelayClient that
+# records what it sees in window.got / window.events; token null means "ask Python".
+HARNESS = """
+async ([moduleUrl, url, tok, options]) => {
+  const { RelayClient, RelayError } = await import(moduleUrl);
+  window.RelayError = RelayError;
+  window.got = [];
+  window.events = [];
+  const client = new RelayClient(url, {
+    token: tok === null ? () => window.getToken() : tok,
+    minBackoffMs: 50,
+    maxBackoffMs: 300,
+    ...options,
+  });
+  client.addEventListener("message", (e) => window.got.push(e.detail));
+  for (const type of ["welcome", "state", "close", "expired", "epoch"]) {
+    client.addEventListener(type, (e) => window.events.push([type, e.detail]));
+  }
+  window.client = client;
+  if (options.noWait) { client.connect().catch(() => {}); return null; }
+  const welcome = await client.connect();
+  return welcome.mailbox;
+}
+"""
+
+
+def _with_browser(fn: Callable[[Any], T]) -> T:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            return fn(browser)
+        finally:
+            browser.close()
+
+
+async def in_browser(fn: Callable[[Any], T]) -> T:
+    """Run `fn(browser)` in a worker thread with a fresh Chromium, within the test deadline."""
+    with trio.fail_after(BROWSER_DEADLINE_S):
+        return await trio.to_thread.run_sync(_with_browser, fn)
+
+
+def open_page(browser: Any, origin: str) -> Any:
+    """A page on the relay's origin (showing /relay.js: any same-origin document will do)."""
+    page = browser.new_page()
+    page.set_default_timeout(STEP_MS)
+    page.goto(f"{origin}/relay.js")
+    return page
+
+
+def start_client(page: Any, port: int, tok: str | None, **options: Any) -> Any:
+    origin = f"http://127.0.0.1:{port}"
+    return page.evaluate(HARNESS, [f"{origin}/relay.js", f"ws://127.0.0.1:{port}/v1", tok, options])
+
+
+def http_origin(relay: RunningRelay) -> str:
+    return f"http://127.0.0.1:{relay.port}"
+
+
+async def test_two_pages_exchange_200_messages_in_order_each_once_and_nothing_remains(
+    make_relay: RelayFactory, redis_client: RedisClient, prefix: str
+) -> None:
+    relay = await make_relay(dedupe_window_s=1)
+
+    def scenario(browser: Any) -> tuple[list[str], list[str], int]:
+        alice, bob = open_page(browser, http_origin(relay)), open_page(browser, http_origin(relay))
+        start_client(alice, relay.port, token("alice-b"))
+        start_client(bob, relay.port, token("bob-b"))
+        alice.evaluate(
+            """async () => {
+                 const sends = [];
+                 for (let i = 0; i < 200; i++) sends.push(client.send("bob-b", `m${i}`, { ttl: 600 }));
+                 await Promise.all(sends);
+               }"""
+        )
+        bob.wait_for_function("window.got.length >= 200")
+        bob.wait_for_function("client._acks.size === 0 && client._ackTimer === null")
+        bodies = bob.evaluate("window.got.map((m) => m.body)")
+        ids = bob.evaluate("window.got.map((m) => m.id)")
+        return bodies, ids, bob.evaluate("client.stats.ackFrames")
+
+    bodies, ids, ack_frames = await in_browser(scenario)
+    assert bodies == [f"m{i}" for i in range(200)]
+    assert len(set(ids)) == 200
+    assert ack_frames >= 1
+    with trio.fail_after(DEADLINE_S):  # acks delete the messages, the dedupe window the refs
+        await poll_until(lambda: _keys(redis_client, prefix) == [])
+
+
+def _keys(redis_client: RedisClient, prefix: str) -> list[str]:
+    from relay_fixtures import keys_under
+
+    return keys_under(redis_client, prefix)
+
+
+@pytest.fixture
+async def restartable(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> AsyncIterator[Callable[[], Any]]:
+    """`await restart()` starts (or kills with SIGKILL and starts again) a relay subprocess
+    on one fixed port; returns its RelayProcess."""
+    port = free_loopback_port()
+    stack = AsyncExitStack()
+    current: list[RelayProcess] = []
+
+    async def restart() -> RelayProcess:
+        if current:
+            current[0].process.kill()  # no graceful close: the page sees 1006
+            await current[0].process.wait()
+            await stack.aclose()
+            current.clear()
+        log = tmp_path / f"relay-{len(os.listdir(tmp_path))}.log"
+        current.append(
+            await stack.enter_async_context(relay_process(redis_url, prefix, log, port=port))
+        )
+        return current[0]
+
+    yield restart
+    await stack.aclose()
+
+
+async def test_sends_pending_when_the_relay_is_killed_are_stored_exactly_once_after_restart(
+    restartable: Callable[[], Any], redis_client: RedisClient, prefix: str
+) -> None:
+    relay: RelayProcess = await restartable()
+    port = int(relay.url.split(":")[2].split("/")[0])
+
+    async def pause() -> None:
+        relay.process.send_signal(signal.SIGSTOP)
+
+    def scenario(browser: Any) -> tuple[list[str], int]:
+        page = open_page(browser, f"http://127.0.0.1:{port}")
+        start_client(page, port, token("alice-k"))
+        page.evaluate(
+            """(n) => {
+                 window.accepted = [];
+                 window.sendErrors = [];
+                 window.burst = (from, to) => {
+                   for (let i = from; i < to; i++) {
+                     client.send("carol-k", `k${i}`, { ttl: 600 }).then(
+                       (a) => window.accepted.push(a), (e) => window.sendErrors.push(e.code));
+                   }
+                 };
+               }"""
+        )
+        page.evaluate("burst(0, 10)")
+        page.wait_for_function("window.accepted.length === 10")
+        # The relay stops answering (SIGSTOP): these sends reach its socket, unanswered;
+        # then it dies (SIGKILL) and a new one starts on the port. The page resends them.
+        trio.from_thread.run(pause)
+        page.evaluate(f"burst(10, {SENDS})")
+        page.wait_for_function(f"client.pendingCount === {SENDS - 10}")
+        trio.from_thread.run(restartable)
+        page.wait_for_function(f"window.accepted.length + window.sendErrors.length === {SENDS}")
+        return page.evaluate("window.sendErrors"), page.evaluate("client.stats.welcomes")
+
+    errors, welcomes = await in_browser(scenario)
+    assert errors == []
+    assert welcomes == 2
+    stored = _stored_bodies(redis_client, prefix, "carol-k")
+    assert sorted(stored) == sorted(f"k{i}" for i in range(SENDS))  # each exactly once
+
+
+def _stored_bodies(redis_client: RedisClient, prefix: str, mailbox: str) -> list[str]:
+    import orjson
+
+    keys = list(redis_client.scan_iter(match=f"{prefix}{{{mailbox}}}:msg:*"))
+    values = [str(v).partition("\n")[2] for v in redis_client.mget(keys) if v is not None]
+    return [orjson.loads(v)["body"] for v in values]
+
+
+async def test_redelivered_messages_reach_the_listener_once(
+    relay: RunningRelay, redis_client: RedisClient, prefix: str
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with raw_session(relay.url, "alice-r") as (alice, _):
+            for i in range(5):
+                await send_json(
+                    alice, {"type": "send", "ref": f"r{i}", "to": "bob-r", "body": f"r{i}"}
+                )
+                assert (await answer(alice))["type"] == "accepted"
+
+    def scenario(browser: Any) -> tuple[list[str], int, int]:
+        page = open_page(browser, http_origin(relay))
+        start_client(page, relay.port, token("bob-r"), autoAck=False)
+        page.wait_for_function("window.got.length >= 5")
+        page.evaluate("client._ws.close(4000, 'test: reconnect')")  # unacked: redelivered
+        page.wait_for_function("client.stats.welcomes === 2 && client.stats.duplicatesDropped >= 5")
+        page.evaluate("for (const m of window.got) client.ack(m.id)")
+        page.wait_for_function("client._acks.size === 0")
+        return (
+            page.evaluate("window.got.map((m) => m.body)"),
+            page.evaluate("client.stats.duplicatesDropped"),
+            page.evaluate("client.stats.ackFrames"),
+        )
+
+    bodies, dropped, ack_frames = await in_browser(scenario)
+    assert bodies == [f"r{i}" for i in range(5)]
+    assert dropped == 5
+    assert ack_frames == 1
+    with trio.fail_after(DEADLINE_S):
+        await poll_until(lambda: _stored_bodies(redis_client, prefix, "bob-r") == [])
+
+
+async def test_acks_of_a_burst_are_batched(
+    relay: RunningRelay, redis_client: RedisClient, prefix: str
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with raw_session(relay.url, "alice-a") as (alice, _):
+            for i in range(100):
+                await send_json(
+                    alice, {"type": "send", "ref": f"a{i}", "to": "bob-a", "body": f"a{i}"}
+                )
+            for _ in range(100):
+                assert (await answer(alice))["type"] == "accepted"
+    registry = relay.services.metrics.registry
+    before = registry.get_sample_value("relay_ack_frames_received_total") or 0.0
+
+    def scenario(browser: Any) -> int:
+        page = open_page(browser, http_origin(relay))
+        start_client(page, relay.port, token("bob-a"))
+        page.wait_for_function("window.got.length >= 100")
+        page.wait_for_function("client._acks.size === 0 && client._ackTimer === null")
+        count: int = page.evaluate("window.got.length")
+        return count
+
+    assert await in_browser(scenario) == 100
+    with trio.fail_after(DEADLINE_S):
+        await poll_until(lambda: _stored_bodies(redis_client, prefix, "bob-a") == [])
+    frames = (registry.get_sample_value("relay_ack_frames_received_total") or 0.0) - before
+    assert 1 <= frames <= 10, f"{frames} ack frames for 100 messages"
+
+
+async def test_an_expiring_token_is_refreshed_and_a_newer_session_stops_the_older_page(
+    relay: RunningRelay,
+) -> None:
+    issued: list[int] = []
+
+    def get_token() -> str:
+        issued.append(1)
+        return token("dave-t", ttl_s=2 if len(issued) == 1 else 3600)  # the first runs out
+
+    def scenario(browser: Any) -> dict[str, Any]:
+        page = open_page(browser, http_origin(relay))
+        page.expose_function("getToken", get_token)
+        start_client(page, relay.port, None)
+        page.wait_for_function("client.stats.welcomes >= 2", timeout=STEP_MS)
+        closes = page.evaluate(
+            "window.events.filter(([t]) => t === 'close').map(([, d]) => d.code)"
+        )
+        # The session resumed: a message to itself arrives.
+        page.evaluate("client.send('dave-t', 'after refresh')")
+        page.wait_for_function("window.got.some((m) => m.body === 'after refresh')")
+        newer = open_page(browser, http_origin(relay))
+        start_client(newer, relay.port, token("dave-t"))
+        page.wait_for_function("client.state === 'closed'")
+        return {
+            "closes": closes,
+            "final": page.evaluate("window.events.filter(([t]) => t === 'close').pop()[1]"),
+            "reconnecting": page.evaluate("client._reconnectTimer !== null"),
+            "newer": newer.evaluate("client.state"),
+        }
+
+    result = await in_browser(scenario)
+    assert 4401 in result["closes"]
+    assert len(issued) == 2  # the first token, then the refresh after 4401
+    assert result["final"]["code"] == 4409 and result["final"]["final"] is True
+    assert result["reconnecting"] is False
+    assert result["newer"] == "open"
+
+
+async def test_allowed_origin_admits_the_pages_origin_and_refuses_another(
+    make_relay: RelayFactory,
+) -> None:
+    port = free_loopback_port()
+    relay = await make_relay(port=port, allowed_origins=(f"http://127.0.0.1:{port}",))
+
+    def scenario(browser: Any) -> tuple[str, list[int], int]:
+        page = open_page(browser, http_origin(relay))
+        mailbox: str = start_client(page, port, token("erin-o"))
+        # localhost reaches the same relay but is another origin than 127.0.0.1.
+        other = open_page(browser, f"http://localhost:{port}")
+        start_client(other, port, token("erin-o"), noWait=True)
+        other.wait_for_function("window.events.filter(([t]) => t === 'close').length >= 2")
+        codes = other.evaluate(
+            "window.events.filter(([t]) => t === 'close').map(([, d]) => d.code)"
+        )
+        welcomes: int = other.evaluate("client.stats.welcomes")
+        other.evaluate("client.close()")
+        return mailbox, codes, welcomes
+
+    mailbox, codes, welcomes = await in_browser(scenario)
+    assert mailbox == "erin-o"
+    assert welcomes == 0 and set(codes) == {1006}
+    refused = relay.services.metrics.registry.get_sample_value(
+        "relay_handshakes_refused_total", {"status": "403"}
+    )
+    assert refused is not None and refused >= 2
+
+
+async def test_the_demo_page_exchanges_a_message_between_two_pages(
+    make_relay: RelayFactory, tmp_path: Path
+) -> None:
+    relay = await make_relay(demo=True)
+
+    def scenario(browser: Any) -> str:
+        pages = {}
+        for name in ("alice-d", "bob-d"):
+            page = browser.new_page()
+            page.set_default_timeout(STEP_MS)
+            page.goto(f"{http_origin(relay)}/demo#token={token(name)}")
+            # A selector, not wait_for_function: the page's CSP forbids the eval that needs.
+            page.wait_for_selector("#state.state-open")
+            assert page.url.endswith("/demo")  # the token left the address bar
+            pages[name] = page
+        alice, bob = pages["alice-d"], pages["bob-d"]
+        alice.fill("#to", "bob-d")
+        alice.fill("#body", "hello from the demo")
+        alice.click("#send")
+        bob.wait_for_selector("#messages li.theirs >> text=hello from the demo")
+        alice.wait_for_selector("#messages li.mine >> text=hello from the demo")
+        bob.screenshot(path=str(tmp_path / "demo-bob.png"))
+        alice.screenshot(path=str(tmp_path / "demo-alice.png"))
+        text: str = bob.inner_text("#messages")
+        return text
+
+    text = await in_browser(scenario)
+    assert "from alice-d" in text
+    assert (tmp_path / "demo-bob.png").stat().st_size > 1000
