@@ -218,10 +218,13 @@ def redis_acl(args: argparse.Namespace) -> None:
 
 
 def policy(args: argparse.Namespace) -> None:
-    """The relay checked its Redis itself: /.well-known/relay-policy says persistence off."""
+    """The relay checked its Redis itself: /.well-known/relay-policy says persistence,
+    eviction and the slow log are off."""
     with urllib.request.urlopen(f"{args.ops}/.well-known/relay-policy", timeout=5) as response:
         promise = json.load(response)
-    if promise["redis"] != {"persistence": "off", "maxmemory_policy": "noeviction"}:
+    expected = {"persistence": "off", "maxmemory_policy": "noeviction", "eviction": "off"}
+    expected["slowlog"] = "off"
+    if promise["redis"] != expected:
         raise CheckFailed(f"relay-policy redis: {promise['redis']}")
     print(f"ok: {args.ops}/.well-known/relay-policy: redis {promise['redis']}")
 
