@@ -85,17 +85,16 @@ async def relay_process(
             relay.returncode = await _stop(process)
 
 
-async def run_cli(
-    *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    """Run `python -m relay ARGS` to its end, as a user runs the CLI; capture its output."""
+async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m relay ARGS` to its end, as a user runs the CLI; capture its output.
+    The environment is this one without `RELAY_*` variables: only ARGS configure it."""
     return await trio.run_process(
         [sys.executable, "-m", "relay", *args],
         stdin=subprocess.DEVNULL,
         capture_stdout=True,
         capture_stderr=True,
         check=False,
-        env={**os.environ, **(env or {})},
+        env={k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
     )
 
 

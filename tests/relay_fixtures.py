@@ -233,9 +233,11 @@ class HttpResponse(NamedTuple):
     body: bytes
 
 
-async def http(port: int, path: str, method: str = "GET") -> HttpResponse:
-    """One HTTP/1.1 request to 127.0.0.1:port; the ops server closes after answering."""
+async def http(port: int, path: str, *extra: str, method: str = "GET") -> HttpResponse:
+    """One HTTP/1.1 request to 127.0.0.1:port, with `extra` header lines; the server
+    closes after answering."""
     head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+    head += "".join(h + "\r\n" for h in extra)
     if method == "POST":
         head += "Content-Length: 0\r\n"
     with trio.fail_after(DEADLINE_S):

@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
+from process_fixtures import run_cli
 from relay_fixtures import SECRET, TEARDOWN_S, RelayFactory, msg_key, poll_until, unique
 
 from relay.embedded import free_loopback_port
@@ -33,14 +34,7 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
 async def relay_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     """Run `python -m relay ARGS` to its end within the deadline."""
     with trio.fail_after(CLI_DEADLINE_S):
-        return await trio.run_process(
-            [sys.executable, "-m", "relay", *args],
-            stdin=subprocess.DEVNULL,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env=ENV,
-        )
+        return await run_cli(*args)
 
 
 def one_line(result: subprocess.CompletedProcess[bytes]) -> str:
@@ -223,7 +217,7 @@ async def relay_process(port: int, redis_url: str, prefix: str, log: Path) -> As
 
 
 async def test_listen_reconnects_after_a_relay_restart(
-    redis_url: str, prefix: str, tmp_path: Path
+    redis_url: str, redis_client: RedisClient, prefix: str, tmp_path: Path
 ) -> None:
     from relay_fixtures import token
 
@@ -239,6 +233,9 @@ async def test_listen_reconnects_after_a_relay_restart(
                 async with open_relay(url, token("alice")) as alice:
                     await alice.send(mailbox, "before", ref=unique("r"))
                 await poll_until(lambda: bodies(out) == ["before"] or process.poll() is not None)
+                # acked before the relay stops (else it comes again: at-least-once)
+                pattern = f"{prefix}{{{mailbox}}}:msg:*"
+                await poll_until(lambda: not list(redis_client.scan_iter(match=pattern)))
         # That relay stopped (1001 to the listener); a new one comes up on the same port.
         async with relay_process(port, redis_url, prefix, tmp_path / "relay2.log"):
             with trio.fail_after(CLI_DEADLINE_S):

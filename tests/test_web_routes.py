@@ -7,60 +7,41 @@ from pathlib import Path
 
 import trio
 from process_fixtures import relay_process
-from relay_fixtures import DEADLINE_S, HttpResponse, RelayFactory, raw_session
+from relay_fixtures import DEADLINE_S, RelayFactory, http, raw_session
 
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]
 
 
-async def get(port: int, path: str, *headers: str, method: str = "GET") -> HttpResponse:
-    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-    head += "".join(h + "\r\n" for h in headers)
-    with trio.fail_after(DEADLINE_S):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all((head + "\r\n").encode())
-            data = bytearray()
-            while chunk := await stream.receive_some(65536):
-                data += chunk
-    raw_head, _, body = bytes(data).partition(b"\r\n\r\n")
-    status_line, *lines = raw_head.decode("latin-1").split("\r\n")
-    parsed = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        parsed[name.strip().lower()] = value.strip()
-    return HttpResponse(int(status_line.split()[1]), parsed, body)
-
-
 async def test_plain_get_of_a_wrong_path_is_404(relay: RunningRelay) -> None:
     for path in ("/", "/v2", "/relay.js.map", "/demo"):
-        response = await get(relay.port, path)
+        response = await http(relay.port, path)
         assert response.status == 404, (path, response)
-    assert (await get(relay.port, "/v1")).status == 426
+    assert (await http(relay.port, "/v1")).status == 426
 
 
 async def test_relay_js_is_served_with_an_etag_and_revalidates(relay: RunningRelay) -> None:
-    response = await get(relay.port, "/relay.js")
+    response = await http(relay.port, "/relay.js")
     assert response.status == 200
     assert response.headers["content-type"].startswith("text/javascript")
     assert response.headers["cache-control"] == "no-cache"
     assert b"export class RelayClient" in response.body
     etag = response.headers["etag"]
-    again = await get(relay.port, "/relay.js", f"If-None-Match: {etag}")
+    again = await http(relay.port, "/relay.js", f"If-None-Match: {etag}")
     assert again.status == 304 and again.body == b""
-    types = await get(relay.port, "/relay.d.ts")
+    types = await http(relay.port, "/relay.d.ts")
     assert types.status == 200
     assert types.headers["content-type"].startswith("application/typescript")
     assert types.headers["etag"] != etag
-    head = await get(relay.port, "/relay.js", method="HEAD")
+    head = await http(relay.port, "/relay.js", method="HEAD")
     assert head.status == 200 and head.body == b""
-    assert (await get(relay.port, "/relay.js", "Content-Length: 0", method="POST")).status == 405
+    assert (await http(relay.port, "/relay.js", method="POST")).status == 405
 
 
 async def test_demo_is_served_only_with_demo(make_relay: RelayFactory) -> None:
     relay = await make_relay(demo=True)
-    response = await get(relay.port, "/demo")
+    response = await http(relay.port, "/demo")
     assert response.status == 200
     assert response.headers["content-type"].startswith("text/html")
     assert "content-security-policy" in response.headers
@@ -74,7 +55,7 @@ async def test_websockets_still_work_behind_the_http_routes(relay: RunningRelay)
 
 
 async def test_an_oversize_request_head_is_refused(relay: RunningRelay) -> None:
-    response = await get(relay.port, "/relay.js", "X-Big: " + "a" * 20000)
+    response = await http(relay.port, "/relay.js", "X-Big: " + "a" * 20000)
     assert response.status == 431
 
 
@@ -83,6 +64,6 @@ async def test_relay_serve_demo_flag_serves_the_demo_page(
 ) -> None:
     async with relay_process(redis_url, prefix, tmp_path / "relay.log", "--demo") as relay:
         port = int(relay.url.split(":")[2].split("/")[0])
-        response = await get(port, "/demo")
+        response = await http(port, "/demo")
         assert response.status == 200, relay.log()
         assert b'from "/relay.js"' in response.body

@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import trio
+from process_fixtures import run_cli
 from relay_fixtures import SECRET
 
 from relay.embedded import EmbeddedServer, free_loopback_port
@@ -16,19 +13,11 @@ GIVE_UP_S = 60.0  # three quick deaths of two workers, with backoff, on a small 
 
 
 async def test_workers_give_up_on_a_worker_that_cannot_start() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     with EmbeddedServer(extra_args=("--slowlog-log-slower-than", "10000")) as redis:
         args = ["serve", "--workers", "2", "--port", str(free_loopback_port()), "--ops-port", "0"]
         args += ["--redis-url", redis.url, "--jwt-secret", SECRET]
         with trio.fail_after(GIVE_UP_S):
-            done = await trio.run_process(
-                [sys.executable, "-m", "relay", *args],
-                stdin=subprocess.DEVNULL,
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                env=env,
-            )
+            done = await run_cli(*args)
     lines = done.stderr.decode(errors="replace").strip().splitlines()
     assert done.returncode == 2, lines
     assert "giving up" in lines[-1] and lines[-1].startswith("relay serve: worker"), lines
