@@ -11,6 +11,8 @@ import attrs
 from relay.auth import HS256_MIN_SECRET_BYTES
 from relay.config import Config
 
+from .system import parse_cpus
+
 WORKLOADS = (
     "throughput",
     "latency",
@@ -192,6 +194,13 @@ def _validate(o: BenchOptions) -> None:
         raise ValueError("--baseline starts the other commit's relay: use it with --spawn")
     if o.flood_cpu and o.workload != "flood":
         raise ValueError("--flood-cpu pins the flooding process of the flood workload")
+    if o.flood_cpu:
+        try:
+            parse_cpus(o.flood_cpu)
+        except ValueError:
+            raise ValueError(
+                f"--flood-cpu {o.flood_cpu!r} is not a CPU list like 1 or 0,2-3"
+            ) from None
     if not o.spawn and o.url and not o.jwt_secret:
         raise ValueError("--url needs --jwt-secret (or RELAY_JWT_SECRET)")
     if o.url and len((o.jwt_secret or "").encode()) < HS256_MIN_SECRET_BYTES:

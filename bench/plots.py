@@ -79,17 +79,23 @@ def _save(fig: Figure, path: str) -> None:
     plt.close(fig)
 
 
+def _style(name: str) -> str:
+    """Dashed for the baseline's curves, solid for this relay's (and the ceiling's)."""
+    return "--" if name.startswith("baseline") else "-"
+
+
 def _target_lines(ax: Axes, targets: Sequence[dict[str, Any]], unit: str, scale: float) -> None:
     for t in targets:
         if t["unit"] != unit:
             continue
+        limit = t["limit"] * scale
+        shown = f"{limit:.3g} ms" if unit == "µs" else f"{limit:,.0f} {unit}"
         ax.axhline(
-            t["limit"] * scale,
-            color="red",
-            linestyle="--",
-            linewidth=1,
-            label=f"target: {t['name']} {t['op']} {t['limit'] * scale:,.3g}"
-            + (" ms" if unit == "µs" else f" {unit}"),
+            limit,
+            color="black",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"target: {t['name']} {t['op']} {shown}",
         )
 
 
@@ -105,7 +111,7 @@ def latency_plot(
     fig, ax = _figure(labels, "latency distribution")
     for i, (name, hist) in enumerate(curves.items()):
         xs, ys = _percentile_curve(hist)
-        (line,) = ax.plot(xs, ys, label=f"{name} (n={hist.get_total_count():,})")
+        (line,) = ax.plot(xs, ys, _style(name), label=f"{name} (n={hist.get_total_count():,})")
         for p in MARKED:
             value = hist.get_value_at_percentile(p) / 1000.0
             ax.plot([_percentile_x(p)], [value], "o", color=line.get_color(), markersize=4)
@@ -147,12 +153,12 @@ def throughput_plot(
         first, last = min(buckets), max(buckets)
         xs = [(b - first) * BUCKET_S for b in range(first, last + 1)]
         ys = [buckets.get(b, 0) / BUCKET_S for b in range(first, last + 1)]
-        ax.plot(xs, ys, label=label, drawstyle="steps-post")
+        ax.plot(xs, ys, _style(label), label=label, drawstyle="steps-post")
     _target_lines(ax, targets, "msgs/s", 1.0)
     if ceiling_msgs_per_s:
         ax.axhline(
             ceiling_msgs_per_s,
-            color="green",
+            color="0.45",
             linestyle="-.",
             linewidth=1,
             label=f"ceiling (echo server): {ceiling_msgs_per_s:,.0f} msgs/s",
