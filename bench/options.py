@@ -100,7 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--pairs", type=int, help="sender/recipient pairs")
     add("--window", type=int, help="sends per sender not yet accepted (default 8)")
     add("--messages", type=int, help="messages per pair")
-    add("--rate", type=float, help="latency: offered msgs/s over all pairs (default 2000)")
+    add(
+        "--rate", type=float, help="latency, flood: offered msgs/s over all pairs (2000; flood 500)"
+    )
     add("--body-bytes", type=int, help="message body size (default 100)")
     add("--connections", type=int, help="idle: connections to hold (default 1000)")
     add("--procs", type=int, help="load generator processes (default 1)")
