@@ -157,7 +157,8 @@ def add_bench_command(subparsers: Subparsers) -> None:
         "bench",
         help="load-benchmark a relay, with self-checks (needs the `bench` extra)",
         description="Run one benchmark workload against a relay (--url) or one it starts "
-        "(--spawn); exit 1 when a self-check fails. See bench/README.md.",
+        "(--spawn), after measuring this machine's ceiling with an echo server (`calibrate` "
+        "alone does only that); exit 1 when a self-check fails. See bench/README.md.",
     )
     add_arguments(parser)
     parser.set_defaults(run=run_bench)
