@@ -7,10 +7,11 @@ left running.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -83,6 +84,64 @@ async def relay_process(
     finally:
         with trio.CancelScope(shield=True):
             relay.returncode = await _stop(process)
+
+
+@attrs.define
+class RestartableRelay:
+    """Relay subprocesses, one at a time, on one fixed port: a test kills one (SIGKILL: its
+    clients see 1006, nothing is drained) and starts the next, or stops one (SIGSTOP) to
+    make it a relay that answers nothing."""
+
+    redis_url: str
+    prefix: str
+    log_dir: Path
+    extra: tuple[str, ...]
+    port: int = attrs.field(factory=free_loopback_port)
+    current: RelayProcess | None = None
+    _stack: AsyncExitStack = attrs.field(factory=AsyncExitStack)
+    _starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> RelayProcess:
+        assert self.current is None, "a relay runs already"
+        self._starts += 1
+        log = self.log_dir / f"relay-{self.port}-{self._starts}.log"
+        self.current = await self._stack.enter_async_context(
+            relay_process(self.redis_url, self.prefix, log, *self.extra, port=self.port)
+        )
+        return self.current
+
+    async def kill(self) -> None:
+        if self.current is not None:
+            self.current.process.kill()
+            await self.current.process.wait()
+            self.current = None
+        await self._stack.aclose()
+
+    async def restart(self) -> RelayProcess:
+        await self.kill()
+        return await self.start()
+
+    def pause(self) -> None:
+        assert self.current is not None
+        self.current.process.send_signal(signal.SIGSTOP)
+
+
+@asynccontextmanager
+async def restartable_relay(
+    redis_url: str, prefix: str, log_dir: Path, *extra: str
+) -> AsyncIterator[RestartableRelay]:
+    """A RestartableRelay, started; whatever relay runs at the end is killed by PID."""
+    relay = RestartableRelay(redis_url, prefix, log_dir, extra)
+    try:
+        await relay.start()
+        yield relay
+    finally:
+        with trio.CancelScope(shield=True):
+            await relay.kill()
 
 
 async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
