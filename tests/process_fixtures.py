@@ -129,6 +129,10 @@ class RestartableRelay:
         assert self.current is not None
         self.current.process.send_signal(signal.SIGSTOP)
 
+    def resume(self) -> None:
+        assert self.current is not None
+        self.current.process.send_signal(signal.SIGCONT)
+
 
 @asynccontextmanager
 async def restartable_relay(

@@ -112,6 +112,30 @@ async def test_redelivered_messages_reach_the_consumer_once(
     assert [m.body for m in got] == [f"r{i}" for i in range(5)]
 
 
+async def test_a_relay_that_answers_nothing_is_dropped_and_reconnected(
+    relay: RestartableRelay,
+) -> None:
+    """The relay stops (SIGSTOP): TCP stays up, pings go unanswered. After idle_timeout_s
+    the client drops the connection and connects again, and gets a session once the
+    relay runs again."""
+    events: list[Event] = []
+    with trio.fail_after(STEP_S):
+        async with fast_client(
+            relay.url, token("ivy"), idle_timeout_s=1, on_event=events.append
+        ) as client:
+            await client.wait_connected()
+            relay.pause()
+            try:
+                await poll_until(lambda: bool(tries(events)))
+            finally:
+                relay.resume()
+            await poll_until(lambda: client.stats.welcomes == 2)
+            await client.send("ivy", "awake")
+            assert (await client.receive()).body == "awake"
+    assert tries(events)[0].reason == "no answer from the relay for 1 s"
+    assert tries(events)[0].code is None
+
+
 async def test_acks_of_100_deliveries_are_batched_into_few_frames(
     redis_url: str, redis_client: RedisClient, prefix: str, tmp_path: Path
 ) -> None:
