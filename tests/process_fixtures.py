@@ -49,7 +49,7 @@ async def _wait_listening(relay: RelayProcess, port: int) -> None:
         return
 
 
-async def _stop(process: trio.Process) -> int:
+async def stop_process(process: trio.Process) -> int:
     """SIGTERM, wait with a timeout, then SIGKILL: by PID, nothing left running."""
     if process.returncode is None:
         process.terminate()
@@ -83,7 +83,7 @@ async def relay_process(
         yield relay
     finally:
         with trio.CancelScope(shield=True):
-            relay.returncode = await _stop(process)
+            relay.returncode = await stop_process(process)
 
 
 @attrs.define
@@ -148,16 +148,23 @@ async def restartable_relay(
             await relay.kill()
 
 
-async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+def user_env(**relay_vars: str) -> dict[str, str]:
+    """This environment without `RELAY_*` variables, plus the given ones (the `export` lines
+    `relay serve` prints, say)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return env | relay_vars
+
+
+async def run_cli(*args: str, **relay_vars: str) -> subprocess.CompletedProcess[bytes]:
     """Run `python -m relay ARGS` to its end, as a user runs the CLI; capture its output.
-    The environment is this one without `RELAY_*` variables: only ARGS configure it."""
+    Only ARGS and the given `RELAY_*` variables configure it."""
     return await trio.run_process(
         [sys.executable, "-m", "relay", *args],
         stdin=subprocess.DEVNULL,
         capture_stdout=True,
         capture_stderr=True,
         check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+        env=user_env(**relay_vars),
     )
 
 

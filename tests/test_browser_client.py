@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import trio
-from process_fixtures import RestartableRelay, restartable_relay
+from process_fixtures import (
+    RestartableRelay,
+    restartable_relay,
+    run_cli,
+    stop_process,
+    user_env,
+)
 from relay_fixtures import (
     DEADLINE_S,
     RelayFactory,
@@ -376,6 +385,59 @@ async def test_the_demo_page_exchanges_a_message_between_two_pages(
     text = await in_browser(scenario)
     assert "from alice-d" in text
     assert (tmp_path / "demo-bob.png").stat().st_size > 1000
+
+
+async def test_the_readme_demo_flow_serve_demo_then_relay_token_then_two_pages(
+    tmp_path: Path,
+) -> None:
+    """README's newcomer flow: `relay serve --demo` (embedded Valkey, a development secret it
+    prints with `export` lines), `relay token alice` / `relay token bob` with those lines,
+    then /demo in two pages, a token pasted into each, and a chat both ways."""
+    port, log = free_loopback_port(), tmp_path / "serve.log"
+    serve = [sys.executable, "-m", "relay", "serve", "--demo", "--port", str(port)]
+    with log.open("wb") as file:
+        process = await trio.lowlevel.open_process(
+            [*serve, "--ops-port", "0"],
+            stdin=subprocess.DEVNULL,
+            stdout=file,
+            stderr=file,
+            env=user_env(),
+        )
+    try:
+        with trio.fail_after(BROWSER_DEADLINE_S):
+            await poll_until(lambda: b"listening on" in log.read_bytes() or bool(process.poll()))
+            text = log.read_text()
+            exports = dict(re.findall(r"export (RELAY_\w+)=(\S+)", text))
+            assert exports["RELAY_URL"] == f"ws://127.0.0.1:{port}/v1", text
+            assert f"open http://127.0.0.1:{port}/demo in two tabs" in text, text
+            tokens = {}
+            for name in ("alice", "bob"):
+                result = await run_cli("token", name, **exports)
+                assert result.returncode == 0, result.stderr
+                tokens[name] = result.stdout.decode().strip()
+
+        def scenario(browser: Any) -> dict[str, str]:
+            pages = {}
+            for name, tok in tokens.items():
+                page = browser.new_page()
+                page.set_default_timeout(STEP_MS)
+                page.goto(f"http://127.0.0.1:{port}/demo")
+                page.fill("#token", tok)
+                page.click("#connect")
+                page.wait_for_selector("#state.state-open")
+                pages[name] = page
+            for sender, recipient in (("alice", "bob"), ("bob", "alice")):
+                pages[sender].fill("#to", recipient)
+                pages[sender].fill("#body", f"hi {recipient}")
+                pages[sender].click("#send")
+                pages[recipient].wait_for_selector(f"#messages li.theirs >> text=hi {recipient}")
+            return {name: page.inner_text("#messages") for name, page in pages.items()}
+
+        seen = await in_browser(scenario)
+    finally:
+        with trio.CancelScope(shield=True):
+            await stop_process(process)
+    assert "from alice" in seen["bob"] and "from bob" in seen["alice"]
 
 
 # -- the watchdog, epochs, expiry, retries and backoff -------------------------------------
