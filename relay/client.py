@@ -43,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from itertools import islice
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import attrs
 import orjson
@@ -56,6 +56,15 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from relay.client_events import (
+    EpochChanged,
+    Event,
+    Expired,
+    Reconnecting,
+    RelayStopped,
+    Stats,
+    Welcomed,
+)
 from relay.client_frames import (
     SUBPROTOCOL,
     Accepted,
@@ -77,6 +86,7 @@ __all__ = [
     "RelayClientError",
     "RelaySession",
     "RelayStopped",
+    "Stats",
     "Token",
     "Welcome",
     "Welcomed",
@@ -97,67 +107,6 @@ CLOSE_TIMEOUT_S = 2.0  # a relay that stopped answering does not hold a reconnec
 # The first retry of an `unconfirmed` / `rate_limited` send waits up to this (doubling
 # after): a burst of refused sends comes back spread out, not as another burst.
 RETRY_MIN_S = 0.5
-
-
-class RelayStopped(Exception):
-    """The client stopped and reconnects no more; `code` is the close code that stopped it
-    (4409, 4401, ...), None when no connection said (a refused connect, say)."""
-
-    def __init__(self, reason: str, code: int | None = None) -> None:
-        super().__init__(reason if code is None else f"{reason} ({code})")
-        self.reason = reason
-        self.code = code
-
-
-@attrs.frozen
-class Welcomed:
-    """A session started (after every connect and reconnect)."""
-
-    welcome: Welcome
-
-
-@attrs.frozen
-class EpochChanged:
-    """The storage lost everything since the last welcome: queued messages may be lost."""
-
-    previous: str
-    epoch: str
-
-
-@attrs.frozen
-class Expired:
-    """`count` messages ran out of time before they were delivered (the welcome's count)."""
-
-    count: int
-
-
-@attrs.frozen
-class Reconnecting:
-    """The connection ended (`reason`; `code` when the relay closed it); the client tries
-    again in `delay_s`. `attempt` counts the tries since the last welcome, from 1."""
-
-    reason: str
-    code: int | None
-    attempt: int
-    delay_s: float
-
-    def __str__(self) -> str:
-        why = self.reason if self.code is None else f"{self.reason} ({self.code})"
-        return f"{why}; reconnecting in {self.delay_s:.1f} s"
-
-
-Event = Welcomed | EpochChanged | Expired | Reconnecting
-
-
-@attrs.define
-class Stats:
-    """Counters, for the curious and for tests."""
-
-    connects: int = 0
-    welcomes: int = 0
-    sends: int = 0  # send frames written, first tries and resends
-    ack_frames: int = 0
-    duplicates_dropped: int = 0
 
 
 def backoff_s(attempt: int, min_s: float, max_s: float) -> float:
@@ -399,10 +348,10 @@ class RelayClient:
                 nursery.start_soon(self._keepalive, ws, reading)
                 try:
                     while True:
-                        frame = orjson.loads(await ws.get_message())
+                        frame = _parse(await ws.get_message())
                         if frame.get("type") == "welcome":
                             welcomed = True
-                            await self._on_welcome(ws, frame)
+                            await self._on_welcome(ws, cast(Welcome, frame))
                         else:
                             self._on_frame(frame)
                 except ConnectionClosed as closed:
@@ -541,6 +490,15 @@ class RelayClient:
     def _emit(self, event: Event) -> None:
         if self._on_event is not None:
             self._on_event(event)
+
+
+def _parse(message: str | bytes) -> dict[str, Any]:
+    """A frame as a dict; {} for what is none (a later protocol's binary frame, say)."""
+    try:
+        frame = orjson.loads(message)
+    except orjson.JSONDecodeError:
+        return {}
+    return frame if isinstance(frame, dict) else {}
 
 
 def connect_failure(exc: BaseException) -> str:
