@@ -103,6 +103,13 @@ def _announce_development_secret(config: relay_config.Config) -> None:
         file=sys.stderr,
         flush=True,
     )
+    if config.demo:
+        print(
+            f"Demo chat: open http://{config.host}:{config.port}/demo in two tabs and paste\n"
+            "a token in each (relay token alice, relay token bob, with the export above).\n",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def add_audit_command(subparsers: Subparsers) -> None:
