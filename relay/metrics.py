@@ -99,6 +99,11 @@ class Metrics:
             "Messages that expired before their ack (counted when their mailbox connects)",
             registry=r,
         )
+        self.frames_delayed = Counter(
+            "relay_frames_delayed",
+            "Frames that waited for their connection's rate budget (the connection was not read meanwhile)",
+            registry=r,
+        )
         self.rejected = Counter(
             "relay_requests_rejected", "Error frames sent, by error code", ["code"], registry=r
         )

@@ -395,6 +395,8 @@ class Session:
             # An ack of messages delivered in this session is free: there are never more
             # of those than deliveries, and a draining recipient must not be held back.
             wait = 0.0 if released else budget.admit(now)
+            if 0 < wait < math.inf:
+                self._services.metrics.frames_delayed.inc()
             while 0 < wait < math.inf:
                 held_back = True
                 self._start_acks(acks)  # what was admitted need not wait

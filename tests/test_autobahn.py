@@ -78,7 +78,7 @@ async def test_autobahn_fuzzingclient_cases_1_to_7_and_9_pass(tmp_path: Path) ->
     results = json.loads((tmp_path / "reports" / "index.json").read_text())["relay"]
     sections = {case.split(".")[0] for case in results}
     assert sections == {"1", "2", "3", "4", "5", "6", "7", "9"}
-    assert len(results) > 300
+    assert len(results) >= 250  # 258 in autobahntestsuite 25.10
     failed = {
         case: (result["behavior"], result["behaviorClose"])
         for case, result in results.items()
