@@ -59,12 +59,14 @@ async def handle_request(
     try:
         offered = SUBPROTOCOL in upgrade.subprotocols
         await stream.send_all(upgrade.accept(SUBPROTOCOL if offered else None))
+        received, upgrade.received = upgrade.received, b""
         ws = WebSocket(
             stream,
             max_message_bytes=config.frame_limit_bytes,
             send_timeout_s=config.send_timeout_s,
-            received=upgrade.received,
+            received=received,
         )
+        del received
         try:
             identity = await _authenticate(ws, upgrade, services, verifier)
         except Refused as refused:

@@ -249,20 +249,7 @@ async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc
     try:
         upgrade = None
         with trio.move_on_after(config.auth_timeout_s):
-            try:
-                head, received = await read_opening(stream)
-            except HeadTooLarge:
-                await stream.send_all(head_too_large())
-                return
-            if not is_upgrade(head):
-                if head:
-                    await stream.send_all(respond(head, demo=config.demo))
-                return
-            try:
-                upgrade = Upgrade.parse(head, received)
-            except BadUpgrade as bad:
-                await stream.send_all(bad.response)
-                return
+            upgrade = await _read_upgrade(stream, config.demo)
         if upgrade is not None:
             await handle_request(upgrade, stream, peer_address(stream), services, verifier)
     except trio.BrokenResourceError as exc:  # the peer hung up or broke TLS: misbehaviour
@@ -274,6 +261,24 @@ async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc
         with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
             scope.shield = True
             await stream.aclose()
+
+
+async def _read_upgrade(stream: trio.abc.Stream, demo: bool) -> Upgrade | None:
+    """The upgrade request; None after answering a plain or a bad request."""
+    try:
+        head, received = await read_opening(stream)
+    except HeadTooLarge:
+        await stream.send_all(head_too_large())
+        return None
+    if not is_upgrade(head):
+        if head:
+            await stream.send_all(respond(head, demo=demo))
+        return None
+    try:
+        return Upgrade.parse(head, received)
+    except BadUpgrade as bad:
+        await stream.send_all(bad.response)
+        return None
 
 
 def peer_address(stream: trio.abc.Stream) -> str:

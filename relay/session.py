@@ -124,6 +124,8 @@ class Session:
         "_close_code",
         "_config",
         "_cursor",
+        "_delivering",
+        "_delivery_scope",
         "_established",
         "_expires",
         "_inflight",
@@ -135,14 +137,15 @@ class Session:
         "_nursery",
         "_ping_deadline",
         "_pongs_at_ping",
-        "_requests",
+        "_requests_done",
+        "_requests_in_flight",
         "_sends",
         "_services",
+        "_serving",
         "_token_expires_at_s",
         "_turn",
         "_turns",
         "_unacked",
-        "_wake",
         "id",
         "mailbox",
         "ws",
@@ -164,12 +167,15 @@ class Session:
         self._notices: list[tuple[int, str, str]] = []
         self._notice_bytes = 0
         self._must_read = True  # read the mailbox from Redis before trusting notices
-        self._wake = trio.Event()
+        self._delivering = False  # the delivery task runs (only while there is work)
+        self._delivery_scope: trio.CancelScope | None = None
         self._established = False  # saw its own "replaced" notice come back
         self._close_code: CloseCode | None = None
-        self._cancel_scope = trio.CancelScope()
-        self._nursery: trio.Nursery | None = None
-        self._requests: trio.Nursery | None = None  # store calls of requests, in flight
+        self._cancel_scope = trio.CancelScope()  # around subscribing, starting and reading
+        self._nursery: trio.Nursery | None = None  # the writer, delivery, store calls
+        self._serving = False  # welcomed, and still reading
+        self._requests_in_flight = 0
+        self._requests_done: trio.Event | None = None  # made while the end waits for them
         self._answers: deque[_Slot] | None = None  # made by the first answer that must wait
         self._sends = 0  # sends started, each numbered: its turn to reach the store
         self._turn = 0  # the number of the next send to hand to the store
@@ -186,7 +192,7 @@ class Session:
             return
         self._notices.append((seq, message_id, envelope))
         self._notice_bytes += len(envelope)
-        self._wake.set()
+        self._deliver_soon()
 
     def on_replaced(self, session_id: str) -> None:
         """Redis orders the notices: one published after ours means a newer session."""
@@ -200,7 +206,7 @@ class Session:
         self._notice_bytes = 0
         self._must_read = True
         self._established = True
-        self._wake.set()
+        self._deliver_soon()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -217,23 +223,25 @@ class Session:
         if services.draining:
             self.close(CloseCode.GOING_AWAY)
         try:
-            async with trio.open_nursery() as writing:
-                writing.start_soon(self._writer)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
                 try:
-                    async with trio.open_nursery() as requests:
-                        self._requests = requests
-                        with self._cancel_scope:
-                            await self._serve_subscribed()
-                        # Ended by the relay: the client still reads, so answer what is
-                        # being stored (a store call ends within the Redis timeout). Ended
-                        # by the client: nothing could carry the answers.
-                        if self.ws.protocol.open and not self.ws.broken:
-                            requests.cancel_scope.deadline = (
-                                trio.current_time() + self._config.redis_timeout_s
-                            )
-                        else:
-                            requests.cancel_scope.cancel()
+                    with self._cancel_scope:
+                        await self._serve_subscribed()
+                    self._stop_serving()
+                    # Ended by the relay: the client still reads, so answer what is being
+                    # stored (a store call ends within the Redis timeout). Ended by the
+                    # client: nothing could carry the answers.
+                    answered = False
+                    if self.ws.protocol.open and not self.ws.broken:
+                        with trio.move_on_after(self._config.redis_timeout_s):
+                            await self._requests_finished()
+                            answered = True
+                    if not answered:
+                        nursery.cancel_scope.cancel()
                 finally:
+                    self._stop_serving()
                     self.ws.finish_writing()  # never cut a write short: the Close follows
         finally:
             services.sessions.discard(self)
@@ -243,6 +251,16 @@ class Session:
         if self._close_code is None and peer_code is not None:
             return peer_code
         return code
+
+    async def _requests_finished(self) -> None:
+        while self._requests_in_flight:
+            self._requests_done = trio.Event()
+            await self._requests_done.wait()
+
+    def _request_ended(self) -> None:
+        self._requests_in_flight -= 1
+        if self._requests_done is not None and not self._requests_in_flight:
+            self._requests_done.set()
 
     async def _serve_subscribed(self) -> None:
         services = self._services
@@ -277,28 +295,32 @@ class Session:
             )
         )
         log.debug("session %s started, %d waiting", pseudonym(self.mailbox), start.waiting)
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._inbound)
-                nursery.start_soon(self._outbound)
-                now = trio.current_time()
-                self._expires = now + max(self._token_expires_at_s - time.time(), 0.0)
-                self._next_ping = now + self._config.ping_interval_s
-                self._next_read = now + self._config.backstop_drain_s  # inf: no backstop
-                self._services.ticker.at(min(self._next_ping, self._next_read, self._expires), self)
-        finally:
-            self._nursery = None  # the ticker may still hold this session: start nothing more
+        now = trio.current_time()
+        self._expires = now + max(self._token_expires_at_s - time.time(), 0.0)
+        self._next_ping = now + self._config.ping_interval_s
+        self._next_read = now + self._config.backstop_drain_s  # inf: no backstop
+        self._services.ticker.at(min(self._next_ping, self._next_read, self._expires), self)
+        self._serving = True
+        self._deliver_soon()
+        await self._read()
 
-    def _loop_ended(self) -> None:
-        """When one loop ends (the peer closed, say), the others stop too."""
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+    def _stop_serving(self) -> None:
+        """Reading ended: no more delivery (the ticker may still hold this session)."""
+        self._serving = False
+        if self._delivery_scope is not None:
+            self._delivery_scope.cancel()
+
+    def _deliver_soon(self) -> None:
+        """Start the delivery task unless it runs: it ends once nothing is left to deliver,
+        so an idle session holds no task for it."""
+        if not self._delivering and self._serving:
+            assert self._nursery is not None  # set while serving
+            self._delivering = True
+            self._nursery.start_soon(self._deliver)
 
     def tick(self, now: float) -> None:
         """The ticker's call: token expiry, the backstop re-read, the keepalive ping."""
-        nursery = self._nursery
-        if nursery is None or self._close_code is not None or nursery.cancel_scope.cancel_called:
+        if not self._serving or self._close_code is not None:
             return
         if now >= self._expires:
             self.close(CloseCode.UNAUTHORIZED)
@@ -307,7 +329,7 @@ class Session:
         if now >= self._next_read:
             # In case a notice was lost: read the mailbox from Redis.
             self._must_read = True
-            self._wake.set()
+            self._deliver_soon()
             self._next_read = now + config.backstop_drain_s
         if self._ping_deadline is not None:
             if self.ws.protocol.pongs > self._pongs_at_ping:
@@ -361,28 +383,23 @@ class Session:
     # -- the loops --------------------------------------------------------
 
     async def _writer(self) -> None:
-        try:
-            await self.ws.run_writer()
-            if self.ws.stuck:
-                log.warning("session %s too slow to read; closing", pseudonym(self.mailbox))
-                self.close(CloseCode.POLICY)
-        finally:
-            self._loop_ended()
+        await self.ws.run_writer()
+        if self.ws.stuck:
+            log.warning("session %s too slow to read; closing", pseudonym(self.mailbox))
+            self.close(CloseCode.POLICY)
+        elif self.ws.broken:
+            self._cancel_scope.cancel()  # the peer is gone: stop reading
 
-    async def _inbound(self) -> None:
-        try:
-            config, ws = self._config, self.ws
-            budget = FrameBudget.create(
-                config.rate_limit_per_s, config.rate_burst, trio.current_time()
-            )
-            while not ws.protocol.ended:
-                if ws.backlog_bytes >= OUTPUT_HIGH_WATER:
-                    await ws.wait_backlog_below(OUTPUT_HIGH_WATER)
-                messages = await ws.receive()
-                if messages and not await self._handle_batch(messages, budget):
-                    return
-        finally:
-            self._loop_ended()
+    async def _read(self) -> None:
+        """The session's one reader: until the peer closes, or the session is closed."""
+        config, ws = self._config, self.ws
+        budget = FrameBudget.create(config.rate_limit_per_s, config.rate_burst, trio.current_time())
+        while not ws.protocol.ended and not ws.broken:
+            if ws.backlog_bytes >= OUTPUT_HIGH_WATER:
+                await ws.wait_backlog_below(OUTPUT_HIGH_WATER)
+            messages = await ws.receive()
+            if messages and not await self._handle_batch(messages, budget):
+                return
 
     async def _handle_batch(self, messages: list[Message], budget: FrameBudget) -> bool:
         """Handle the frames of one read; False when the session must end (abuse)."""
@@ -459,8 +476,9 @@ class Session:
         return released
 
     def _start_send(self, frame: protocol.SendFrame) -> None:
-        assert self._requests is not None  # set for the whole session
-        self._requests.start_soon(self._store_send, frame, self._reserve(), self._sends)
+        assert self._nursery is not None  # set for the whole session
+        self._requests_in_flight += 1
+        self._nursery.start_soon(self._store_send, frame, self._reserve(), self._sends)
         self._sends += 1
 
     async def _store_send(self, frame: protocol.SendFrame, slot: _Slot, turn: int) -> None:
@@ -492,6 +510,8 @@ class Session:
             text = protocol.encode_accepted(
                 frame.ref, accepted.ids, accepted.expires_at_ms, accepted.duplicate
             )
+        finally:
+            self._request_ended()
         self._fill(slot, text)
 
     def _start_acks(self, acks: list[tuple[protocol.AckFrame, int, _Slot | None]]) -> None:
@@ -499,7 +519,8 @@ class Session:
         All start together, so they share a Redis pipeline."""
         if not acks:
             return
-        assert self._requests is not None  # set for the whole session
+        nursery = self._nursery
+        assert nursery is not None  # set for the whole session
         self._services.metrics.ack_frames.inc(len(acks))
         merged: list[str] = []
         merged_released = 0
@@ -508,9 +529,11 @@ class Session:
                 merged.extend(frame.ids)
                 merged_released += released
             else:
-                self._requests.start_soon(self._store_ack, frame.ids, released, slot, frame.ref)
+                self._requests_in_flight += 1
+                nursery.start_soon(self._store_ack, frame.ids, released, slot, frame.ref)
         if merged:
-            self._requests.start_soon(self._store_ack, merged, merged_released, None, None)
+            self._requests_in_flight += 1
+            nursery.start_soon(self._store_ack, merged, merged_released, None, None)
 
     async def _store_ack(
         self, ids: Sequence[str], released: int, slot: _Slot | None, ref: str | None
@@ -534,52 +557,53 @@ class Session:
             # Given back even when the ack failed: the messages stay queued for a later
             # session, and this one must not run out of window.
             self._inflight.give(released)
+            self._request_ended()
         if slot is not None:
             self._fill(slot, text)
         elif text:
             self._answer(text)
 
-    async def _outbound(self) -> None:
+    async def _deliver(self) -> None:
         try:
-            ws = self.ws
-            while True:
-                if not self._must_read and not self._notices:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    continue
-                if ws.backlog_bytes >= OUTPUT_HIGH_WATER:
-                    await ws.wait_backlog_below(OUTPUT_HIGH_WATER)
-                wanted = FETCH_PAGE if self._must_read else min(len(self._notices), FETCH_PAGE)
-                slots = await self._inflight.take(wanted)
-                if self._must_read:
-                    self._must_read = False
-                    try:
-                        batch = await self._services.store.fetch(self.mailbox, self._cursor, slots)
-                    except StorageError as exc:
-                        log.warning(
-                            "session %s: %s; retrying", pseudonym(self.mailbox), exc.message
-                        )
-                        self._inflight.give(slots)
-                        self._must_read = True
-                        await trio.sleep(STORAGE_RETRY_S)
-                        continue
-                    if len(batch) == slots:
-                        self._must_read = True  # there may be more
-                    deliveries = [(d.seq, d.id, d.envelope) for d in batch]
-                else:
-                    deliveries = self._take_notices(slots)
-                self._inflight.give(slots - len(deliveries))
-                if deliveries:
-                    self._cursor = deliveries[-1][0]
-                    self._unacked.update(message_id for _, message_id, _ in deliveries)
-                    self._observe_delivery(deliveries)
-                    for frame in protocol.encode_delivers(
-                        [envelope for _, _, envelope in deliveries],
-                        self._config.deliver_frame_bytes,
-                    ):
-                        ws.send(frame)
+            with trio.CancelScope() as scope:
+                self._delivery_scope = scope
+                await self._deliver_while_ready()
         finally:
-            self._loop_ended()
+            self._delivering = False
+            self._delivery_scope = None
+
+    async def _deliver_while_ready(self) -> None:
+        ws = self.ws
+        while self._must_read or self._notices:
+            if ws.backlog_bytes >= OUTPUT_HIGH_WATER:
+                await ws.wait_backlog_below(OUTPUT_HIGH_WATER)
+            wanted = FETCH_PAGE if self._must_read else min(len(self._notices), FETCH_PAGE)
+            slots = await self._inflight.take(wanted)
+            if self._must_read:
+                self._must_read = False
+                try:
+                    batch = await self._services.store.fetch(self.mailbox, self._cursor, slots)
+                except StorageError as exc:
+                    log.warning("session %s: %s; retrying", pseudonym(self.mailbox), exc.message)
+                    self._inflight.give(slots)
+                    self._must_read = True
+                    await trio.sleep(STORAGE_RETRY_S)
+                    continue
+                if len(batch) == slots:
+                    self._must_read = True  # there may be more
+                deliveries = [(d.seq, d.id, d.envelope) for d in batch]
+            else:
+                deliveries = self._take_notices(slots)
+            self._inflight.give(slots - len(deliveries))
+            if deliveries:
+                self._cursor = deliveries[-1][0]
+                self._unacked.update(message_id for _, message_id, _ in deliveries)
+                self._observe_delivery(deliveries)
+                for frame in protocol.encode_delivers(
+                    [envelope for _, _, envelope in deliveries],
+                    self._config.deliver_frame_bytes,
+                ):
+                    ws.send(frame)
 
     def _observe_delivery(self, deliveries: list[tuple[int, str, str]]) -> None:
         """Sequences are the Redis clock in µs when the message was stored."""

@@ -406,7 +406,7 @@ class Upgrade:
     __slots__ = ("_handshake", "_request", "received")
 
     def __init__(self, handshake: H11Handshake, request: Request, received: bytes) -> None:
-        self._handshake = handshake
+        self._handshake: H11Handshake | None = handshake  # until the answer: then let go
         self._request = request
         self.received = received  # bytes after the head: the client's first frames
 
@@ -444,12 +444,17 @@ class Upgrade:
         return None
 
     def accept(self, subprotocol: str | None) -> bytes:
-        """The 101 response; no extensions."""
-        return self._handshake.send(AcceptConnection(subprotocol=subprotocol))
+        """The 101 response; no extensions. Once only: the HTTP side is dropped (an idle
+        connection should not carry it)."""
+        handshake, self._handshake = self._handshake, None
+        assert handshake is not None, "answered twice"
+        return handshake.send(AcceptConnection(subprotocol=subprotocol))
 
     def refuse(self, status: int, body: bytes) -> bytes:
         """An HTTP refusal; the connection is closed after it."""
-        return _refusal(self._handshake, status, body)
+        handshake, self._handshake = self._handshake, None
+        assert handshake is not None, "answered twice"
+        return _refusal(handshake, status, body)
 
 
 def _refusal(
