@@ -316,7 +316,8 @@ class Session:
         if not self._delivering and self._serving:
             assert self._nursery is not None  # set while serving
             self._delivering = True
-            self._nursery.start_soon(self._deliver)
+            scope = self._delivery_scope = trio.CancelScope()  # cancelled when reading ends
+            self._nursery.start_soon(self._deliver, scope)
 
     def tick(self, now: float) -> None:
         """The ticker's call: token expiry, the backstop re-read, the keepalive ping."""
@@ -563,10 +564,9 @@ class Session:
         elif text:
             self._answer(text)
 
-    async def _deliver(self) -> None:
+    async def _deliver(self, scope: trio.CancelScope) -> None:
         try:
-            with trio.CancelScope() as scope:
-                self._delivery_scope = scope
+            with scope:
                 await self._deliver_while_ready()
         finally:
             self._delivering = False
