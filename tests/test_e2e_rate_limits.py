@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import trio
 from relay_fixtures import (
     DEADLINE_S,
@@ -23,6 +24,8 @@ from relay_fixtures import (
     token,
     unique,
 )
+from test_e2e_violations import open_raw_session, text_frames
+from test_websocket_engine import TEXT, frame
 
 from relay.client import open_relay
 from relay.embedded import free_loopback_port
@@ -113,22 +116,23 @@ async def test_acks_of_delivered_messages_do_not_count_against_the_rate(
 async def test_pipelined_sends_of_one_connection_arrive_in_the_order_sent(
     make_relay: RelayFactory,
 ) -> None:
-    """Many sends in one read go to the store together, yet stay in order per recipient."""
+    """150 sends in one write (so in one read: one batch) go to the store together, yet
+    are answered, stored and delivered in the order they were sent."""
     relay = await make_relay()
     sender, recipient = unique("sender"), unique("recipient")
     count = 150
+    frames = [
+        orjson.dumps({"type": "send", "ref": f"p-{i}", "to": recipient, "body": f"{i:03d}"})
+        for i in range(count)
+    ]
     with trio.fail_after(DEADLINE_S):
-        async with raw_session(relay.url, sender) as (ws, _):
-            frames = [
-                {"type": "send", "ref": f"p-{i}", "to": recipient, "body": f"{i:03d}"}
-                for i in range(count)
-            ]
-            await ws.send_message("")  # an empty text frame: bad_frame, answered first
-            for frame in frames:
-                await send_json(ws, frame)
-            answers = [await recv(ws) for _ in range(count + 1)]
-        assert answers[0]["code"] == "bad_frame"
-        assert [a["ref"] for a in answers[1:]] == [f"p-{i}" for i in range(count)]
+        stream, ws = await open_raw_session(relay.port, sender)
+        async with stream:
+            await stream.send_all(b"".join(frame(TEXT, f) for f in [b"", *frames]))
+            answers = await text_frames(stream, ws, count + 2)  # welcome, bad_frame, sends
+        assert answers[0]["type"] == "welcome"
+        assert answers[1]["code"] == "bad_frame"  # the empty frame, answered first
+        assert [a["ref"] for a in answers[2:]] == [f"p-{i}" for i in range(count)]
         async with open_relay(relay.url, token(recipient)) as client:
             got = [(await client.receive()).body for _ in range(count)]
     assert got == [f"{i:03d}" for i in range(count)]

@@ -23,7 +23,8 @@ pytest_plugins = ["relay_fixtures"]
 MAX_BODY = 1024  # a frame limit of 6 x 1 KiB + 64 KiB
 
 
-async def _session(port: int, mailbox: str) -> tuple[trio.SocketStream, WSConnection]:
+async def open_raw_session(port: int, mailbox: str) -> tuple[trio.SocketStream, WSConnection]:
+    """A raw socket upgraded with wsproto's client (authenticated by header)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     ws = WSConnection(ConnectionType.CLIENT)
     headers = [(b"authorization", f"Bearer {token(mailbox)}".encode())]
@@ -32,6 +33,17 @@ async def _session(port: int, mailbox: str) -> tuple[trio.SocketStream, WSConnec
         ws.receive_data(await stream.receive_some(65536))
         if any(isinstance(e, AcceptConnection) for e in ws.events()):
             return stream, ws
+
+
+async def text_frames(stream: trio.SocketStream, ws: WSConnection, n: int) -> list[dict[str, Any]]:
+    """The next `n` text frames, parsed."""
+    frames: list[dict[str, Any]] = []
+    while len(frames) < n:
+        data = await stream.receive_some(65536)
+        assert data, f"the relay hung up after {frames}"
+        ws.receive_data(data)
+        frames += [orjson.loads(e.data) for e in ws.events() if isinstance(e, TextMessage)]
+    return frames
 
 
 async def _until_closed(
@@ -73,7 +85,7 @@ async def test_a_violation_is_closed_with_its_code_after_the_answers_before_it(
     alice = unique("alice")
     send = {"type": "send", "ref": "before", "to": alice, "body": "kept"}
     with trio.fail_after(DEADLINE_S):
-        stream, ws = await _session(relay.port, alice)
+        stream, ws = await open_raw_session(relay.port, alice)
         async with stream:
             await stream.send_all(frame(TEXT, orjson.dumps(send)) + broken)
             frames, closed_with = await _until_closed(stream, ws)
