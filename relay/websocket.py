@@ -53,7 +53,6 @@ class ServerProtocol:
     """One server-side WebSocket conversation, sans-IO (after the upgrade)."""
 
     __slots__ = (
-        "_binary",
         "_connection",
         "_max_message_bytes",
         "_output",
@@ -74,7 +73,6 @@ class ServerProtocol:
         self._output_bytes = 0
         self._parts: list[Message] = []  # fragments of the message being received
         self._size = 0  # its bytes so far
-        self._binary = False
         self.code: int | None = None  # set once nothing more will be read; see `ended`
         self.reason = ""
         self.peer_closed = False  # the peer sent Close first
