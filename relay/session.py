@@ -230,15 +230,15 @@ class Session:
                     with self._cancel_scope:
                         await self._serve_subscribed()
                     self._stop_serving()
-                    # Ended by the relay: the client still reads, so answer what is being
-                    # stored (a store call ends within the Redis timeout). Ended by the
-                    # client: nothing could carry the answers.
-                    answered = False
-                    if self.ws.protocol.open and not self.ws.broken:
-                        with trio.move_on_after(self._config.redis_timeout_s):
-                            await self._requests_finished()
-                            answered = True
-                    if not answered:
+                    # Let what the client asked for finish (a store call ends within the
+                    # Redis timeout), even when the client has closed: an ack sent just
+                    # before its Close must still delete. While the client reads, the
+                    # answers reach it too.
+                    finished = False
+                    with trio.move_on_after(self._config.redis_timeout_s):
+                        await self._requests_finished()
+                        finished = True
+                    if not finished:
                         nursery.cancel_scope.cancel()
                 finally:
                     self._stop_serving()

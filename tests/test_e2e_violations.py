@@ -1,6 +1,7 @@
 """End to end: a WebSocket protocol violation gets a Close frame with its code (1002 bad
 framing, 1007 bad UTF-8, 1009 too large), after the answers to the requests that came
-before it in the same read, and then the relay closes the TCP connection.
+before it in the same read, and then the relay closes the TCP connection. Requests in
+the same write as the client's own Close still take effect.
 
 The client is wsproto's own client side over a raw socket, so the test can put a valid
 `send` and a broken frame into one write.
@@ -13,10 +14,12 @@ from typing import Any
 import orjson
 import pytest
 import trio
-from relay_fixtures import DEADLINE_S, RelayFactory, token, unique
+from relay_fixtures import DEADLINE_S, RelayFactory, keys_under, poll_until, token, unique
 from test_websocket_engine import BINARY, TEXT, frame
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+
+from relay.redis_sync import RedisClient
 
 pytest_plugins = ["relay_fixtures"]
 
@@ -93,3 +96,36 @@ async def test_a_violation_is_closed_with_its_code_after_the_answers_before_it(
     answers = [f for f in frames if f["type"] not in ("welcome", "deliver")]
     assert answers == [answers[0]] and answers[0]["type"] == "accepted", frames
     assert answers[0]["ref"] == "before"
+
+
+async def test_requests_just_before_the_clients_close_still_take_effect(
+    make_relay: RelayFactory, redis_client: RedisClient, prefix: str
+) -> None:
+    """An ack and a send in the same write as the client's Close: the relay cannot answer
+    them (nothing may follow the peer's Close), but the ack deletes and the send stores."""
+    relay = await make_relay()
+    bob, carol = unique("bob"), unique("carol")
+    with trio.fail_after(DEADLINE_S):
+        stream, ws = await open_raw_session(relay.port, bob)
+        async with stream:
+            send = {"type": "send", "ref": "r1", "to": bob, "body": "to be acked"}
+            await stream.send_all(frame(TEXT, orjson.dumps(send)))
+            frames: list[dict[str, Any]] = []
+            while not any(f["type"] == "deliver" for f in frames):
+                frames += await text_frames(stream, ws, 1)
+            delivered = next(f for f in frames if f["type"] == "deliver")
+            ack = {"type": "ack", "ids": [delivered["messages"][0]["id"]]}
+            last = {"type": "send", "to": carol, "body": "sent as the client left"}
+            close = frame(0x8, (1000).to_bytes(2, "big"))
+            await stream.send_all(
+                frame(TEXT, orjson.dumps(ack)) + frame(TEXT, orjson.dumps(last)) + close
+            )
+            _, code = await _until_closed(stream, ws)
+    assert code == 1000
+    with trio.fail_after(DEADLINE_S):
+        await poll_until(
+            lambda: not [k for k in keys_under(redis_client, prefix) if f"{{{bob}}}:msg:" in k]
+        )
+        await poll_until(
+            lambda: [k for k in keys_under(redis_client, prefix) if f"{{{carol}}}:msg:" in k] != []
+        )
