@@ -14,15 +14,15 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import attrs
 import redis
 import trio
 from trio_websocket import wrap_server_stream
 
-from relay import PROTOCOL_VERSION, __version__, protocol
+from relay import protocol
 from relay.auth import Verifier
 from relay.codes import CloseCode
 from relay.config import Config
@@ -33,13 +33,12 @@ from relay.hub import Hub
 from relay.limits import parse_networks
 from relay.metrics import Metrics
 from relay.ops import OpsEndpoints, serve_ops
+from relay.policy_document import PolicyDocument
 from relay.redis_checks import (
     RedisSettings,
-    Verdict,
     check_settings,
     read_settings,
     redis_allowances,
-    verdicts,
 )
 from relay.redis_pump import RedisPump
 from relay.redis_sync import connect
@@ -48,6 +47,7 @@ from relay.store_redis import Quota, RedisMailboxStore
 from relay.web_routes import (
     HeadTooLarge,
     ReplayStream,
+    WebFile,
     head_too_large,
     is_upgrade,
     read_head,
@@ -144,8 +144,10 @@ async def serve_relay(
             trusted_proxies=parse_networks(config.trusted_proxies),
         )
         metrics.connections.set_function(services.connections.total)
+        policy = PolicyDocument(config, settings)
         async with trio.open_nursery() as background:
             await background.start(pump.run)
+            await background.start(policy.follow_epoch, pump)
             await background.start(hub.run)
             await background.start(services.ticker.run)
             ops_port = 0
@@ -153,7 +155,7 @@ async def serve_relay(
                 endpoints = OpsEndpoints(
                     metrics,
                     partial(_readiness, services, pump),
-                    partial(_policy, config, settings),
+                    policy.body,
                     lambda: [p] if (p := hub.health_problem()) else [],
                 )
                 port = config.ops_port + (config.worker_id or 0)
@@ -164,7 +166,9 @@ async def serve_relay(
                     ops_port,
                 )
             background.start_soon(_sample_oldest, store, metrics)
-            await _serve_websockets(config, services, verifier, redis_url, ops_port, task_status)
+            await _serve_websockets(
+                config, services, verifier, policy.file, redis_url, ops_port, task_status
+            )
             background.cancel_scope.cancel()
     finally:
         if embedded is not None:
@@ -212,6 +216,7 @@ async def _serve_websockets(
     config: Config,
     services: Services,
     verifier: Verifier,
+    policy: Callable[[], WebFile],
     redis_url: str,
     ops_port: int,
     task_status: trio.TaskStatus[RunningRelay],
@@ -229,7 +234,7 @@ async def _serve_websockets(
         async def listen(*, task_status: trio.TaskStatus[object]) -> None:
             with listening:
                 await trio.serve_listeners(
-                    partial(_serve_stream, services, verifier),
+                    partial(_serve_stream, services, verifier, policy),
                     listeners,
                     handler_nursery=connections,
                     task_status=task_status,
@@ -250,7 +255,9 @@ async def _serve_websockets(
         connections.cancel_scope.deadline = trio.current_time() + config.drain_timeout_s
 
 
-async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc.Stream) -> None:
+async def _serve_stream(
+    services: Services, verifier: Verifier, policy: Callable[[], WebFile], stream: trio.abc.Stream
+) -> None:
     """One TCP connection: the WebSocket handshake within the auth timeout, then the
     request handler; the stream is closed in every case (also after a refused handshake).
     A plain HTTP request (no Upgrade) is answered by web_routes: wsproto would answer it
@@ -267,7 +274,7 @@ async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc
                     return
                 if not is_upgrade(head):
                     if head:
-                        await stream.send_all(respond(head, demo=config.demo))
+                        await stream.send_all(respond(head, demo=config.demo, policy=policy))
                     return
                 request = await wrap_server_stream(
                     reader,
@@ -304,42 +311,6 @@ async def _readiness(services: Services, pump: RedisPump) -> list[str]:
         return problems
     problems.append("Redis did not answer PING in time")
     return problems
-
-
-def _policy(config: Config, settings: RedisSettings) -> dict[str, Any]:
-    """The promise, as this deployment keeps it (served at /.well-known/relay-policy)."""
-    verdict = verdicts(settings, redis_allowances(config))
-    return {
-        "protocol": f"relay.v{PROTOCOL_VERSION}",
-        "version": __version__,
-        "retention_s": config.retention_s,
-        "max_ttl_s": config.retention_s,
-        "max_body_bytes": config.max_body_bytes,
-        "message_deleted_on": ["ack", "ttl"],
-        "dedupe_window_s": min(config.dedupe_window_s, config.retention_s),
-        "redis": {
-            "persistence": _state(
-                [verdict["save"], verdict["appendonly"]], "--allow-persistent-redis"
-            ),
-            "maxmemory_policy": settings.maxmemory_policy or "unverified",
-            "eviction": _state([verdict["maxmemory-policy"]], "--allow-eviction"),
-            "slowlog": _state([verdict["slowlog-log-slower-than"]], "--allow-slowlog"),
-        },
-        "bodies_logged": False,
-        "mailboxes_in_logs": "plain (debug logging)"
-        if config.log_level == "debug"
-        else "keyed hash",
-    }
-
-
-def _state(verdicts: list[Verdict], flag: str) -> str:
-    """One policy entry from the startup check's verdicts (a violation never gets this far):
-    one setting known unsafe makes it on, whatever the others could not tell."""
-    if "allowed" in verdicts:
-        return f"on (allowed by {flag})"
-    if "unverified" in verdicts:
-        return "unverified"
-    return "off"
 
 
 async def _sample_oldest(store: RedisMailboxStore, metrics: Metrics) -> None:
