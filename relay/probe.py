@@ -221,8 +221,8 @@ class _Probe:
         with self.step("policy"):
             self.policy = await self.fetch_policy()
             self.record("policy", "pass", f"{self.policy_url} answered JSON")
-        session_checks = ("policy_matches_welcome", "ttl_limit", "expiry", "ack_deletes")
-        with self.step(*session_checks, "ref_dedupe", "ref_conflict"):
+        sent = ("policy_matches_welcome", "ttl_limit", "expiry", "ack_deletes", "ref_dedupe")
+        with self.step(*sent, "ref_conflict"):
             await self.sessions()
         with self.step("query_token_refused"):
             await self.query_token_refused()
