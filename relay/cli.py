@@ -4,7 +4,8 @@ Each subcommand is one `add_<name>_command(subparsers)` function that
 registers its parser and sets `run`, a function from the parsed arguments to
 the exit status. Options come from flags, `RELAY_*` environment variables and
 an optional TOML file (relay.config). Exit 2 means a usage error or Redis
-could not be reached; `relay audit` exits 1 when it finds a violation.
+could not be reached; `relay audit` exits 1 when it finds a violation, `relay probe`
+when a check failed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from relay.audit import audit
 from relay.cli_client import add_listen_command, add_send_command, add_token_command
 from relay.config import Subparsers
 from relay.errors import RelayError, first_leaf
+from relay.probe_cli import add_probe_command
 from relay.redis_checks import redis_allowances
 from relay.redis_sync import connect
 from relay.server import serve_until_signal
@@ -192,6 +194,7 @@ COMMANDS = (
     add_send_command,
     add_listen_command,
     add_audit_command,
+    add_probe_command,
     add_bench_command,
 )
 

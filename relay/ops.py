@@ -9,11 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
 
 import attrs
 import h11
-import orjson
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -29,7 +27,7 @@ MAX_REQUEST_BYTES = 16 * 1024
 class OpsEndpoints:
     metrics: Metrics
     readiness: Callable[[], Awaitable[list[str]]]  # what is not ready; empty when ready
-    policy: Callable[[], dict[str, Any]]
+    policy: Callable[[], bytes]  # the policy document (relay.policy_document), as JSON
     health: Callable[[], list[str]] = lambda: []  # what is broken beyond waiting; empty: alive
 
 
@@ -103,5 +101,5 @@ async def _route(endpoints: OpsEndpoints, request: h11.Request) -> tuple[int, st
     if path == b"/metrics":
         return 200, CONTENT_TYPE_LATEST, generate_latest(endpoints.metrics.registry)
     if path == b"/.well-known/relay-policy":
-        return 200, "application/json", orjson.dumps(endpoints.policy(), option=orjson.OPT_INDENT_2)
+        return 200, "application/json", endpoints.policy()
     return 404, "text/plain", b"not found\n"

@@ -14,14 +14,14 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import attrs
 import redis
 import trio
 
-from relay import PROTOCOL_VERSION, __version__, protocol
+from relay import protocol
 from relay.auth import Verifier
 from relay.codes import CloseCode
 from relay.config import Config
@@ -32,19 +32,18 @@ from relay.hub import Hub
 from relay.limits import parse_networks
 from relay.metrics import Metrics
 from relay.ops import OpsEndpoints, serve_ops
+from relay.policy_document import PolicyDocument
 from relay.redis_checks import (
     RedisSettings,
-    Verdict,
     check_settings,
     read_settings,
     redis_allowances,
-    verdicts,
 )
 from relay.redis_pump import RedisPump
 from relay.redis_sync import connect
 from relay.session import CLOSE_TIMEOUT_S, Services
 from relay.store_redis import Quota, RedisMailboxStore
-from relay.web_routes import head_too_large, is_upgrade, respond
+from relay.web_routes import WebFile, head_too_large, is_upgrade, respond
 from relay.websocket import BadUpgrade, HeadTooLarge, Upgrade, read_opening
 
 log = logging.getLogger(__name__)
@@ -135,8 +134,10 @@ async def serve_relay(
             trusted_proxies=parse_networks(config.trusted_proxies),
         )
         metrics.connections.set_function(services.connections.total)
+        policy = PolicyDocument(config, settings)
         async with trio.open_nursery() as background:
             await background.start(pump.run)
+            await background.start(policy.follow_epoch, pump)
             await background.start(hub.run)
             await background.start(services.ticker.run)
             ops_port = 0
@@ -144,7 +145,7 @@ async def serve_relay(
                 endpoints = OpsEndpoints(
                     metrics,
                     partial(_readiness, services, pump),
-                    partial(_policy, config, settings),
+                    policy.body,
                     lambda: [p] if (p := hub.health_problem()) else [],
                 )
                 port = config.ops_port + (config.worker_id or 0)
@@ -155,7 +156,9 @@ async def serve_relay(
                     ops_port,
                 )
             background.start_soon(_sample_oldest, store, metrics)
-            await _serve_websockets(config, services, verifier, redis_url, ops_port, task_status)
+            await _serve_websockets(
+                config, services, verifier, policy.file, redis_url, ops_port, task_status
+            )
             background.cancel_scope.cancel()
     finally:
         if embedded is not None:
@@ -203,6 +206,7 @@ async def _serve_websockets(
     config: Config,
     services: Services,
     verifier: Verifier,
+    policy: Callable[[], WebFile],
     redis_url: str,
     ops_port: int,
     task_status: trio.TaskStatus[RunningRelay],
@@ -220,7 +224,7 @@ async def _serve_websockets(
         async def listen(*, task_status: trio.TaskStatus[object]) -> None:
             with listening:
                 await trio.serve_listeners(
-                    partial(_serve_stream, services, verifier),
+                    partial(_serve_stream, services, verifier, policy),
                     listeners,
                     handler_nursery=connections,
                     task_status=task_status,
@@ -241,7 +245,9 @@ async def _serve_websockets(
         connections.cancel_scope.deadline = trio.current_time() + config.drain_timeout_s
 
 
-async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc.Stream) -> None:
+async def _serve_stream(
+    services: Services, verifier: Verifier, policy: Callable[[], WebFile], stream: trio.abc.Stream
+) -> None:
     """One TCP connection: its request head within the auth timeout; a plain HTTP request
     is answered by web_routes, an upgrade goes to the connection handler. The stream is
     closed in every case (also after a refused handshake)."""
@@ -249,7 +255,7 @@ async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc
     try:
         upgrade = None
         with trio.move_on_after(config.auth_timeout_s):
-            upgrade = await _read_upgrade(stream, config.demo)
+            upgrade = await _read_upgrade(stream, config.demo, policy)
         if upgrade is not None:
             await handle_request(upgrade, stream, peer_address(stream), services, verifier)
     except trio.BrokenResourceError as exc:  # the peer hung up or broke TLS: misbehaviour
@@ -263,7 +269,9 @@ async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc
             await stream.aclose()
 
 
-async def _read_upgrade(stream: trio.abc.Stream, demo: bool) -> Upgrade | None:
+async def _read_upgrade(
+    stream: trio.abc.Stream, demo: bool, policy: Callable[[], WebFile]
+) -> Upgrade | None:
     """The upgrade request; None after answering a plain or a bad request."""
     try:
         head, received = await read_opening(stream)
@@ -272,7 +280,7 @@ async def _read_upgrade(stream: trio.abc.Stream, demo: bool) -> Upgrade | None:
         return None
     if not is_upgrade(head):
         if head:
-            await stream.send_all(respond(head, demo=demo))
+            await stream.send_all(respond(head, demo=demo, policy=policy))
         return None
     try:
         return Upgrade.parse(head, received)
@@ -306,42 +314,6 @@ async def _readiness(services: Services, pump: RedisPump) -> list[str]:
         return problems
     problems.append("Redis did not answer PING in time")
     return problems
-
-
-def _policy(config: Config, settings: RedisSettings) -> dict[str, Any]:
-    """The promise, as this deployment keeps it (served at /.well-known/relay-policy)."""
-    verdict = verdicts(settings, redis_allowances(config))
-    return {
-        "protocol": f"relay.v{PROTOCOL_VERSION}",
-        "version": __version__,
-        "retention_s": config.retention_s,
-        "max_ttl_s": config.retention_s,
-        "max_body_bytes": config.max_body_bytes,
-        "message_deleted_on": ["ack", "ttl"],
-        "dedupe_window_s": min(config.dedupe_window_s, config.retention_s),
-        "redis": {
-            "persistence": _state(
-                [verdict["save"], verdict["appendonly"]], "--allow-persistent-redis"
-            ),
-            "maxmemory_policy": settings.maxmemory_policy or "unverified",
-            "eviction": _state([verdict["maxmemory-policy"]], "--allow-eviction"),
-            "slowlog": _state([verdict["slowlog-log-slower-than"]], "--allow-slowlog"),
-        },
-        "bodies_logged": False,
-        "mailboxes_in_logs": "plain (debug logging)"
-        if config.log_level == "debug"
-        else "keyed hash",
-    }
-
-
-def _state(verdicts: list[Verdict], flag: str) -> str:
-    """One policy entry from the startup check's verdicts (a violation never gets this far):
-    one setting known unsafe makes it on, whatever the others could not tell."""
-    if "allowed" in verdicts:
-        return f"on (allowed by {flag})"
-    if "unverified" in verdicts:
-        return "unverified"
-    return "off"
 
 
 async def _sample_oldest(store: RedisMailboxStore, metrics: Metrics) -> None:

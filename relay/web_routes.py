@@ -1,4 +1,5 @@
-"""Plain HTTP on the WebSocket port: `/relay.js`, `/relay.d.ts`, `/demo` (with `--demo`).
+"""Plain HTTP on the WebSocket port: `/relay.js`, `/relay.d.ts`, `/demo` (with `--demo`),
+and the policy document at `/.well-known/relay-policy` (relay.policy_document).
 
 Pure functions from a request head to the complete response. The server reads
 the head of every request (relay.websocket.read_opening); one that asks for a
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 from importlib import resources
 
 import attrs
@@ -32,6 +34,7 @@ _FILES = {
     "/demo": ("demo.html", "text/html; charset=utf-8"),
 }
 DEMO_PATHS = frozenset({"/demo"})
+POLICY_PATH = "/.well-known/relay-policy"
 DEMO_CSP = (
     "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; "
     "connect-src 'self' ws: wss:; img-src 'self'; base-uri 'none'; form-action 'none'"
@@ -72,15 +75,19 @@ def _parse(head: bytes) -> h11.Request | None:
     return event if isinstance(event, h11.Request) else None
 
 
-def respond(head: bytes, *, demo: bool) -> bytes:
+def respond(head: bytes, *, demo: bool, policy: Callable[[], WebFile] | None = None) -> bytes:
     """The complete HTTP/1.1 response to a plain (non-upgrade) request; the connection
-    closes after it."""
+    closes after it. `policy` gives the policy document as it is now (already rendered:
+    answering never waits); without it, its path is 404 like any other."""
     request = _parse(head)
     if request is None:
         return _response(400, b"bad request\n")
     path = request.target.decode("latin-1").partition("?")[0]
     method = request.method
-    file = None if path in DEMO_PATHS and not demo else web_file(path)
+    if path == POLICY_PATH:
+        file = policy() if policy is not None else None
+    else:
+        file = None if path in DEMO_PATHS and not demo else web_file(path)
     if file is None:
         if path == "/v1":
             return _response(
@@ -94,7 +101,7 @@ def respond(head: bytes, *, demo: bool) -> bytes:
         (b"Cache-Control", b"no-cache"),
         (b"X-Content-Type-Options", b"nosniff"),
     ]
-    if path not in DEMO_PATHS:  # the module may be imported by an app's page on another origin
+    if path not in DEMO_PATHS:  # an app's page on another origin may load the module or policy
         headers.append((b"Access-Control-Allow-Origin", b"*"))
     else:
         headers += [

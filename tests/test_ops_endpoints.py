@@ -31,9 +31,9 @@ from relay.client import open_relay
 from relay.config import Config
 from relay.embedded import EmbeddedServer, free_loopback_port
 from relay.errors import UnsafeRedis
+from relay.policy_document import policy as policy_document
 from relay.redis_checks import RedisSettings
 from relay.redis_sync import connect
-from relay.server import _policy
 
 pytest_plugins = ["relay_fixtures"]
 
@@ -216,6 +216,6 @@ def test_policy_uses_the_checks_evaluation() -> None:
     settings = RedisSettings(
         save=None, appendonly="yes", maxmemory_policy="noeviction", slowlog_log_slower_than="-1"
     )
-    redis = _policy(Config(allow_persistent_redis=True), settings)["redis"]
+    redis = policy_document(Config(allow_persistent_redis=True), settings, None)["redis"]
     assert redis["persistence"] == "on (allowed by --allow-persistent-redis)"
     assert redis["slowlog"] == "off"
