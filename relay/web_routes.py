@@ -1,4 +1,5 @@
-"""Plain HTTP on the WebSocket port: `/relay.js`, `/relay.d.ts`, `/seal.js`, `/demo` (`--demo`).
+"""Plain HTTP on the WebSocket port: the browser client (`/relay.js`, `/seal.js` and their
+`.d.ts`), `/demo` (with `--demo`).
 
 wsproto answers a request without `Upgrade` with 400 before the relay sees its
 path, so `server._serve_stream` reads the request head first (bounded, with
@@ -32,6 +33,7 @@ _FILES = {
     "/relay.js": ("relay.js", "text/javascript; charset=utf-8"),
     "/relay.d.ts": ("relay.d.ts", "application/typescript; charset=utf-8"),
     "/seal.js": ("seal.js", "text/javascript; charset=utf-8"),
+    "/seal.d.ts": ("seal.d.ts", "application/typescript; charset=utf-8"),
     "/demo": ("demo.html", "text/html; charset=utf-8"),
 }
 DEMO_PATHS = frozenset({"/demo"})
