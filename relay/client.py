@@ -182,6 +182,7 @@ class RelayClient:
         self._seen: OrderedDict[str, bool] = OrderedDict()  # delivered id -> acked
         self._acks: dict[str, None] = {}  # ids to ack, in order
         self._acks_queued = trio.Event()
+        self._acked: dict[str, trio.Event] = {}  # refs of the acks a normal exit waits for
         self._handed: str | None = None  # with auto_ack: acked when the next is asked for
         # Unbounded, yet bounded by the protocol: at most max_inflight unacked deliveries
         # per session, and redeliveries of what waits here are dropped as duplicates.
@@ -413,6 +414,8 @@ class RelayClient:
         if kind == "deliver":
             for m in frame["messages"]:
                 self._on_delivery(m)
+        elif kind in ("acked", "error") and frame.get("ref") in self._acked:
+            self._acked.pop(frame["ref"]).set()
         elif kind in ("accepted", "error"):
             pending = self._pending.get(frame.get("ref", ""))
             if pending is not None and not pending.answered.is_set():
@@ -474,23 +477,35 @@ class RelayClient:
             await self._ready.wait()
         return self._ws
 
-    async def _send_acks(self, ws: WebSocketConnection) -> None:
+    async def _send_acks(
+        self, ws: WebSocketConnection, *, confirm: bool = False
+    ) -> list[trio.Event]:
+        """Send the queued acks; with `confirm`, each frame carries a ref and the events
+        returned are set when the relay answers them (`acked`: the messages are gone)."""
         assert self.welcome is not None
         limit = max(1, self.welcome["max_inflight"])
+        answers = []
         while self._acks:
             ids = list(islice(self._acks, limit))
+            frame: dict[str, Any] = {"type": "ack", "ids": ids}
+            if confirm:
+                frame["ref"] = ref = new_ref()
+                answers.append(self._acked.setdefault(ref, trio.Event()))
             try:
-                await ws.send_message(orjson.dumps({"type": "ack", "ids": ids}).decode())
+                await ws.send_message(orjson.dumps(frame).decode())
             except ConnectionClosed:
-                return  # kept for the next session
+                return answers  # kept for the next session
             self.stats.ack_frames += 1
             for message_id in ids:
                 self._acks.pop(message_id, None)
+        return answers
 
     # -- stopping -----------------------------------------------------------------------
 
     async def _close(self) -> None:
-        """A normal exit: ack what was handed out, send the acks, close with 1000."""
+        """A normal exit: ack what was handed out, send the acks and wait for the relay to
+        confirm them (a relay need not act on an ack it reads just before the Close: only
+        `acked` says the messages are gone), close with 1000."""
         if self._handed is not None:
             self.ack(self._handed)
             self._handed = None
@@ -498,7 +513,9 @@ class RelayClient:
         self._stop(RelayStopped("the client was closed", 1000))
         if ws is not None:
             with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await self._send_acks(ws)
+                for answered in await self._send_acks(ws, confirm=True):
+                    await answered.wait()
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
                 await ws.aclose()
 
     def _stop(self, reason: RelayStopped) -> None:
@@ -562,7 +579,8 @@ async def open_client(
 
     It does not wait for the first welcome (`await relay.wait_connected()` does); sends
     wait for a session. A normal exit acks the message last received (with `auto_ack`),
-    sends the acks still queued and closes with 1000; an exception acks nothing more.
+    sends the acks still queued, waits (up to CLOSE_TIMEOUT_S) for the relay's `acked`
+    and closes with 1000; an exception acks nothing more.
     `on_event` runs in the client's task: it must not block. `identity` and `public_key`
     (both or neither) turn sealing on.
     """
