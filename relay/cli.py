@@ -23,6 +23,7 @@ from relay import config as relay_config
 from relay import logs
 from relay.audit import audit
 from relay.cli_client import add_listen_command, add_send_command, add_token_command
+from relay.cli_keys import add_keygen_command
 from relay.config import Subparsers
 from relay.errors import RelayError, first_leaf
 from relay.probe_cli import add_probe_command
@@ -193,6 +194,7 @@ COMMANDS = (
     add_token_command,
     add_send_command,
     add_listen_command,
+    add_keygen_command,
     add_audit_command,
     add_probe_command,
     add_bench_command,

@@ -4,6 +4,10 @@ Tokens are minted with the HS256 secret (`--jwt-secret` / RELAY_JWT_SECRET)
 for the mailbox named by `--as`, unless a ready token is given (`--token` /
 RELAY_TOKEN). The relay's URL comes from `--url` / RELAY_URL.
 
+With `--key` (a `relay keygen` identity) they seal: `relay send --seal-to
+PUBKEY` seals for that one recipient, `relay listen --trust PUBKEY...` opens
+what those senders sealed and reports every other delivery as `unopened`.
+
 Every failure is one line on stderr and exit status 1 (2 for a usage error).
 Both commands use relay.client's RelayClient: `relay listen` reconnects with
 full-jitter backoff when the relay goes away (1001, 1006, 1011, 1013, or the
@@ -25,25 +29,33 @@ import trio
 
 from relay import config as relay_config
 from relay.auth import mint_token
+from relay.cli_keys import read_identity, read_public_key, read_trusted
 from relay.client import (
     EpochChanged,
     Event,
     Expired,
+    Message,
     Reconnecting,
     RelayClientError,
     RelayStopped,
     Token,
+    Unopened,
     open_client,
 )
 from relay.config import Subparsers
 from relay.errors import first_leaf
 from relay.policy import parse_duration
+from relay.seal import Identity, PublicKey
 
 _duration = relay_config.argparse_type(parse_duration)
 
 TOKEN_OPTIONS = ("jwt-secret", "jwt-audience", "jwt-issuer")
 DEFAULT_URL = "ws://127.0.0.1:8080/v1"
 SEND_ATTEMPTS = 3
+
+
+class CommandFailed(Exception):
+    """A failure of the command that is not the relay's answer (a key that does not fit)."""
 
 
 def _add_identity(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +136,15 @@ def add_send_command(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("send", help="send one message")
     _add_identity(parser)
     parser.add_argument(
-        "--to", action="append", required=True, help="recipient mailbox (repeatable)"
+        "--to",
+        action="append",
+        help="recipient mailbox (repeatable; with --seal-to, one, by default its key's)",
+    )
+    parser.add_argument("--key", help="your identity file (relay keygen): sign what you seal")
+    parser.add_argument(
+        "--seal-to",
+        metavar="PUBKEY",
+        help="seal the message for this public key (FILE, or MAILBOX=FILE); needs --key",
     )
     parser.add_argument(
         "--ttl", type=_duration, help="how long the message may wait (default: retention)"
@@ -138,14 +158,29 @@ def add_send_command(subparsers: Subparsers) -> None:
 
 
 def run_send(args: argparse.Namespace) -> int:
+    try:
+        identity, recipient = _send_keys(args)
+    except ValueError as exc:
+        _say(args, str(exc))
+        return 2
     token = _token_source(args)
     if token is None:
         return 2
+    keys = {} if recipient is None else {recipient.mailbox: recipient}
 
     async def send() -> None:
-        async with open_client(args.url, token, max_attempts=SEND_ATTEMPTS) as relay:
+        async with open_client(
+            args.url,
+            token,
+            max_attempts=SEND_ATTEMPTS,
+            identity=identity,
+            public_key=keys.get if identity is not None else None,
+        ) as relay:
             to = args.to[0] if len(args.to) == 1 else args.to
-            accepted = await relay.send(to, args.text, ttl_s=args.ttl, ref=args.ref)
+            try:
+                accepted = await relay.send(to, args.text, ttl_s=args.ttl, ref=args.ref)
+            except ValueError as exc:  # the identity is not the token's mailbox's
+                raise CommandFailed(f"cannot seal: {exc}") from None
         line = {
             "type": "accepted",
             "ref": accepted.ref,
@@ -158,42 +193,103 @@ def run_send(args: argparse.Namespace) -> int:
     return _run(args, send)
 
 
+def _send_keys(args: argparse.Namespace) -> tuple[Identity | None, PublicKey | None]:
+    """The identity and recipient key of a sealed send, (None, None) for a plain one;
+    ValueError on a usage error. Fills in `args.to` from the key."""
+    if args.seal_to is None and args.key is None:
+        if not args.to:
+            raise ValueError("give --to")
+        return None, None
+    if args.seal_to is None or args.key is None:
+        raise ValueError("--seal-to and --key go together")
+    identity, recipient = _own_identity(args), read_public_key(args.seal_to)
+    args.to = args.to or [recipient.mailbox]
+    if args.to != [recipient.mailbox]:
+        raise ValueError(f"--seal-to is the key of {recipient.mailbox!r}: send to it alone")
+    return identity, recipient
+
+
+def _own_identity(args: argparse.Namespace) -> Identity:
+    identity = read_identity(args.key)
+    if None not in (identity.mailbox, args.mailbox) and identity.mailbox != args.mailbox:
+        raise ValueError(f"{args.key} is the identity of {identity.mailbox!r}, not --as's")
+    return identity
+
+
 def add_listen_command(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "listen", help="print incoming messages as JSON lines and ack them"
     )
     _add_identity(parser)
     parser.add_argument("--count", type=int, help="exit after this many messages")
+    parser.add_argument("--key", help="your identity file (relay keygen): open sealed messages")
+    parser.add_argument(
+        "--trust",
+        metavar="PUBKEY",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="public keys of the senders whose sealed messages to open (FILE, or MAILBOX=FILE)",
+    )
     parser.set_defaults(run=run_listen)
 
 
 def run_listen(args: argparse.Namespace) -> int:
+    if (args.key is None) != (not args.trust):
+        _say(args, "--key and --trust go together")
+        return 2
+    try:
+        identity = None if args.key is None else _own_identity(args)
+        trusted = read_trusted(args.trust)
+    except ValueError as exc:
+        _say(args, str(exc))
+        return 2
     token = _token_source(args)
     if token is None:
         return 2
 
     async def listen() -> None:
         received = 0
-        async with open_client(args.url, token, on_event=lambda e: report(args, e)) as relay:
-            async for message in relay.messages():
-                line = {
-                    "id": message.id,
-                    "from": message.sender,
-                    "body": message.body,
-                    "sent_at": message.sent_at_ms,
-                    "expires_at": message.expires_at_ms,
-                }
-                print(orjson.dumps(line).decode(), flush=True)
-                received += 1
-                if received == args.count:
-                    return  # the last one is acked as the client closes
+        counted = trio.CancelScope()  # ends the loop once --count lines were shown
+
+        def show(line: dict[str, object]) -> None:
+            nonlocal received
+            print(orjson.dumps(line).decode(), flush=True)
+            received += 1
+            if received == args.count:
+                counted.cancel()  # the last one is acked as the client closes
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, Unopened):  # shown without its body: it is no text
+                show(_line(event.message, body=False) | {"unopened": event.reason})
+            report(args, event)
+
+        async with open_client(
+            args.url,
+            token,
+            on_event=on_event,
+            identity=identity,
+            public_key=trusted.get if identity is not None else None,
+        ) as relay:
+            with counted:
+                async for message in relay.messages():
+                    show(_line(message) | ({"sealed": True} if message.sealed else {}))
 
     return _run(args, listen)
 
 
+def _line(message: Message, *, body: bool = True) -> dict[str, object]:
+    line: dict[str, object] = {"id": message.id, "from": message.sender}
+    if body:
+        line["body"] = message.body
+    return line | {"sent_at": message.sent_at_ms, "expires_at": message.expires_at_ms}
+
+
 def report(args: argparse.Namespace, event: Event) -> None:
     """Say on stderr what a user of `relay listen` should know."""
-    if isinstance(event, EpochChanged):
+    if isinstance(event, Unopened):
+        _say(args, f"message {event.message.id} did not open: {event.error}")
+    elif isinstance(event, EpochChanged):
         _say(args, "the relay's storage was reset (new epoch): messages queued before may be lost")
     elif isinstance(event, Expired):
         _say(args, f"{event.count} message(s) expired before they were delivered")
@@ -211,7 +307,7 @@ def _run(args: argparse.Namespace, main: Callable[[], Awaitable[None]]) -> int:
         trio.run(main)
     except* KeyboardInterrupt:
         pass  # Ctrl-C is how a user stops `relay listen`
-    except* (RelayStopped, RelayClientError) as group:
+    except* (RelayStopped, RelayClientError, CommandFailed) as group:
         problems.append(str(first_leaf(group)))
     if problems:
         _say(args, problems[0])

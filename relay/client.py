@@ -27,8 +27,13 @@ It does what relay.js does in a browser:
   row that got no welcome. Once stopped, `send`, `receive` and
   `wait_connected` raise RelayStopped.
 - `on_event` hears Welcomed, EpochChanged (the storage was reset: queued
-  messages may be lost), Expired (the welcome's count, when not 0) and
-  Reconnecting.
+  messages may be lost), Expired (the welcome's count, when not 0),
+  Reconnecting and Unopened.
+- With `identity` (relay.seal.Identity) and `public_key` (a function from a
+  mailbox id to its relay.seal.PublicKey, or None), every send is sealed for its
+  one recipient and every delivery opened: a delivery that does not open (not
+  sealed, altered, not from the sender the relay names, or from a sender
+  without a key) never reaches `receive()`; `on_event` hears Unopened.
 
 relay.client_session.open_relay is the other mode: one session, no reconnects
 (for tests and tools that want to see each close code).
@@ -63,6 +68,7 @@ from relay.client_events import (
     Reconnecting,
     RelayStopped,
     Stats,
+    Unopened,
     Welcomed,
 )
 from relay.client_frames import (
@@ -73,7 +79,9 @@ from relay.client_frames import (
     Welcome,
     new_ref,
 )
+from relay.client_seal import PublicKeyLookup, Sealer
 from relay.client_session import RelaySession, open_relay
+from relay.seal import Identity
 
 __all__ = [
     "Accepted",
@@ -81,6 +89,7 @@ __all__ = [
     "Event",
     "Expired",
     "Message",
+    "PublicKeyLookup",
     "Reconnecting",
     "RelayClient",
     "RelayClientError",
@@ -88,6 +97,7 @@ __all__ = [
     "RelayStopped",
     "Stats",
     "Token",
+    "Unopened",
     "Welcome",
     "Welcomed",
     "new_ref",
@@ -149,6 +159,7 @@ class RelayClient:
         ack_delay_s: float,
         dedupe_size: int,
         max_message_size: int,
+        sealer: Sealer | None,
     ) -> None:
         self.url = url
         self.auto_ack = auto_ack
@@ -163,6 +174,7 @@ class RelayClient:
         self._ack_delay_s = ack_delay_s
         self._dedupe_size = dedupe_size
         self._max_message_size = max_message_size
+        self._sealer = sealer
         self._ws: WebSocketConnection | None = None  # the connection, once welcomed
         self._ready = trio.Event()  # set while _ws is set, and once stopped
         self._stopped: RelayStopped | None = None
@@ -170,6 +182,7 @@ class RelayClient:
         self._seen: OrderedDict[str, bool] = OrderedDict()  # delivered id -> acked
         self._acks: dict[str, None] = {}  # ids to ack, in order
         self._acks_queued = trio.Event()
+        self._acked: dict[str, trio.Event] = {}  # refs of the acks a normal exit waits for
         self._handed: str | None = None  # with auto_ack: acked when the next is asked for
         # Unbounded, yet bounded by the protocol: at most max_inflight unacked deliveries
         # per session, and redeliveries of what waits here are dropped as duplicates.
@@ -205,8 +218,13 @@ class RelayClient:
     ) -> Accepted:
         """Send and wait until the relay stored it, across reconnects (wrap it in
         `trio.fail_after` for a deadline; a cancelled send may still be stored: send it
-        again with the same ref). Raises RelayClientError on a definite `error`."""
+        again with the same ref). Raises RelayClientError on a definite `error`. With
+        sealing, it waits for a session (the welcome names the sender), seals once (a
+        resend is the same request) and raises ValueError for a recipient without a key
+        or more than one recipient."""
         self._raise_if_stopped()
+        if self._sealer is not None:
+            to, body = self._sealer.seal((await self.wait_connected())["mailbox"], to, body)
         ref = ref if ref is not None else new_ref()
         if ref in self._pending:
             raise RelayClientError("ref_conflict", "a send with this ref is pending")
@@ -396,6 +414,8 @@ class RelayClient:
         if kind == "deliver":
             for m in frame["messages"]:
                 self._on_delivery(m)
+        elif kind in ("acked", "error") and frame.get("ref") in self._acked:
+            self._acked.pop(frame["ref"]).set()
         elif kind in ("accepted", "error"):
             pending = self._pending.get(frame.get("ref", ""))
             if pending is not None and not pending.answered.is_set():
@@ -413,7 +433,17 @@ class RelayClient:
         self._seen[message_id] = False
         if len(self._seen) > self._dedupe_size:
             self._seen.popitem(last=False)
-        self._inbox_in.send_nowait(Message.from_wire(m))
+        message = Message.from_wire(m)
+        if self._sealer is not None:
+            assert self.welcome is not None  # deliveries come after it
+            opened = self._sealer.open(self.welcome["mailbox"], message)
+            if isinstance(opened, Unopened):
+                if self.auto_ack:
+                    self.ack(message_id)
+                self._emit(opened)
+                return
+            message = opened
+        self._inbox_in.send_nowait(message)
 
     async def _transmit(self, ws: WebSocketConnection, pending: _Send) -> None:
         """Write a send to a connection once; a failed write waits for the next welcome."""
@@ -447,23 +477,35 @@ class RelayClient:
             await self._ready.wait()
         return self._ws
 
-    async def _send_acks(self, ws: WebSocketConnection) -> None:
+    async def _send_acks(
+        self, ws: WebSocketConnection, *, confirm: bool = False
+    ) -> list[trio.Event]:
+        """Send the queued acks; with `confirm`, each frame carries a ref and the events
+        returned are set when the relay answers them (`acked`: the messages are gone)."""
         assert self.welcome is not None
         limit = max(1, self.welcome["max_inflight"])
+        answers = []
         while self._acks:
             ids = list(islice(self._acks, limit))
+            frame: dict[str, Any] = {"type": "ack", "ids": ids}
+            if confirm:
+                frame["ref"] = ref = new_ref()
+                answers.append(self._acked.setdefault(ref, trio.Event()))
             try:
-                await ws.send_message(orjson.dumps({"type": "ack", "ids": ids}).decode())
+                await ws.send_message(orjson.dumps(frame).decode())
             except ConnectionClosed:
-                return  # kept for the next session
+                return answers  # kept for the next session
             self.stats.ack_frames += 1
             for message_id in ids:
                 self._acks.pop(message_id, None)
+        return answers
 
     # -- stopping -----------------------------------------------------------------------
 
     async def _close(self) -> None:
-        """A normal exit: ack what was handed out, send the acks, close with 1000."""
+        """A normal exit: ack what was handed out, send the acks and wait for the relay to
+        confirm them (a relay need not act on an ack it reads just before the Close: only
+        `acked` says the messages are gone), close with 1000."""
         if self._handed is not None:
             self.ack(self._handed)
             self._handed = None
@@ -471,7 +513,9 @@ class RelayClient:
         self._stop(RelayStopped("the client was closed", 1000))
         if ws is not None:
             with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await self._send_acks(ws)
+                for answered in await self._send_acks(ws, confirm=True):
+                    await answered.wait()
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
                 await ws.aclose()
 
     def _stop(self, reason: RelayStopped) -> None:
@@ -528,14 +572,21 @@ async def open_client(
     ack_delay_s: float = 0.01,
     dedupe_size: int = 10_000,
     max_message_size: int = 16 * 1024 * 1024,
+    identity: Identity | None = None,
+    public_key: PublicKeyLookup | None = None,
 ) -> AsyncIterator[RelayClient]:
     """A RelayClient that connects (and reconnects) in the background while the block runs.
 
     It does not wait for the first welcome (`await relay.wait_connected()` does); sends
     wait for a session. A normal exit acks the message last received (with `auto_ack`),
-    sends the acks still queued and closes with 1000; an exception acks nothing more.
-    `on_event` runs in the client's task: it must not block.
+    sends the acks still queued, waits (up to CLOSE_TIMEOUT_S) for the relay's `acked`
+    and closes with 1000; an exception acks nothing more.
+    `on_event` runs in the client's task: it must not block. `identity` and `public_key`
+    (both or neither) turn sealing on.
     """
+    if (identity is None) != (public_key is None):
+        raise ValueError("sealing needs both identity and public_key")
+    sealer = None if identity is None or public_key is None else Sealer(identity, public_key)
     client = RelayClient(
         url,
         token,
@@ -548,6 +599,7 @@ async def open_client(
         ack_delay_s=ack_delay_s,
         dedupe_size=dedupe_size,
         max_message_size=max_message_size,
+        sealer=sealer,
     )
     try:
         async with trio.open_nursery() as nursery:

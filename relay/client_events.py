@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import attrs
 
-from relay.client_frames import Welcome
+from relay.client_frames import Message, Welcome
 
 
 class RelayStopped(Exception):
@@ -55,7 +55,20 @@ class Reconnecting:
         return f"{why}; reconnecting in {self.delay_s:.1f} s"
 
 
-Event = Welcomed | EpochChanged | Expired | Reconnecting
+@attrs.frozen
+class Unopened:
+    """With sealing on, a delivered message that did not open: `reason` is a SealError's
+    (`signature`, `decrypt`, `malformed`, `unsupported`, `mailbox`) or `unknown_sender` (no
+    public key for it); `error` says it in words. It never reaches `receive()`; with
+    `auto_ack` it is acked (else ack `message.id` yourself). `message.body` is what
+    arrived: ciphertext, or anything a sender put there."""
+
+    message: Message
+    reason: str
+    error: str
+
+
+Event = Welcomed | EpochChanged | Expired | Reconnecting | Unopened
 
 
 @attrs.define

@@ -45,13 +45,15 @@ class Welcome(TypedDict):
 
 @attrs.frozen
 class Message:
-    """One delivered message; `sender` is the wire's `from`, set by the relay."""
+    """One delivered message; `sender` is the wire's `from`, set by the relay. `sealed`: the
+    body was sealed and opened (relay.seal), so it is `sender`'s and was not altered."""
 
     id: str
     sender: str
     body: str
     sent_at_ms: int
     expires_at_ms: int
+    sealed: bool = False
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Message:

@@ -1,5 +1,6 @@
-"""Plain HTTP on the WebSocket port: `/relay.js`, `/relay.d.ts`, `/demo` (with `--demo`),
-and the policy document at `/.well-known/relay-policy` (relay.policy_document).
+"""Plain HTTP on the WebSocket port: the browser client (`/relay.js`, `/seal.js` and their
+`.d.ts`), `/demo` (with `--demo`), and the policy document at `/.well-known/relay-policy`
+(relay.policy_document).
 
 Pure functions from a request head to the complete response. The server reads
 the head of every request (relay.websocket.read_opening); one that asks for a
@@ -31,6 +32,8 @@ class WebFile:
 _FILES = {
     "/relay.js": ("relay.js", "text/javascript; charset=utf-8"),
     "/relay.d.ts": ("relay.d.ts", "application/typescript; charset=utf-8"),
+    "/seal.js": ("seal.js", "text/javascript; charset=utf-8"),
+    "/seal.d.ts": ("seal.d.ts", "application/typescript; charset=utf-8"),
     "/demo": ("demo.html", "text/html; charset=utf-8"),
 }
 DEMO_PATHS = frozenset({"/demo"})

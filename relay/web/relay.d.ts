@@ -1,5 +1,7 @@
 // Types of relay.js, the relay's browser client (wire protocol v1).
 
+import type { Identity, PublicKey } from "./seal.js";
+
 export interface RelayMessage {
   id: string;
   from: string;
@@ -8,6 +10,20 @@ export interface RelayMessage {
   sentAt: number;
   /** milliseconds since the epoch */
   expiresAt: number;
+  /** with sealing: the body was sealed by `from` for this mailbox and opened */
+  sealed?: true;
+}
+
+/** With sealing: a delivery that did not open (acked like a message under autoAck). */
+export interface Unopened {
+  id: string;
+  from: string;
+  sentAt: number;
+  expiresAt: number;
+  /** a SealError's reason, `unknown_sender` (no public key for `from`), or `error` (the
+   * publicKey function failed) */
+  reason: "malformed" | "unsupported" | "signature" | "decrypt" | "mailbox" | "unknown_sender" | "error";
+  error: string;
 }
 
 export interface Accepted {
@@ -52,6 +68,10 @@ export interface RelayOptions {
   dedupeSize?: number;
   /** the WebSocket class (default the global one) */
   WebSocket?: typeof WebSocket;
+  /** with publicKey: seal every send and open every delivery as this identity (seal.js) */
+  identity?: Identity;
+  /** a mailbox's public key, or null for one the app does not know (with identity) */
+  publicKey?: (mailbox: string) => PublicKey | null | undefined | Promise<PublicKey | null | undefined>;
 }
 
 export interface CloseDetail {
@@ -66,6 +86,7 @@ export interface CloseDetail {
 export interface RelayEventMap {
   welcome: CustomEvent<Welcome>;
   message: CustomEvent<RelayMessage>;
+  unopened: CustomEvent<Unopened>;
   expired: CustomEvent<{ count: number }>;
   epoch: CustomEvent<{ epoch: string; previous: string }>;
   state: CustomEvent<{ state: RelayState }>;
@@ -74,7 +95,8 @@ export interface RelayEventMap {
 
 export class RelayError extends Error {
   constructor(code: string, message?: string);
-  /** the relay's error code (ttl_too_long, ref_conflict, ...) or closed / replaced / unauthorized */
+  /** the relay's error code (ttl_too_long, ref_conflict, ...) or closed / replaced /
+   * unauthorized; with sealing also no_key, seal_failed and bad_recipient (more than one) */
   readonly code: string;
 }
 
@@ -101,6 +123,8 @@ export class RelayClient extends EventTarget {
    * (jittered backoff from 500 ms, doubling; a `storage_unavailable` answering the retry of
    * an `unconfirmed` send keeps it pending too). Rejects with a RelayError carrying the
    * relay's code on any other error, and with closed / replaced / unauthorized on a stop.
+   * With sealing it waits for a welcome (it names the sender), seals once for the one
+   * recipient, and rejects with no_key when publicKey has none for it.
    */
   send(to: string | string[], body: string, options?: { ttl?: number; ref?: string }): Promise<Accepted>;
   ack(id: string): void;

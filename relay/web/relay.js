@@ -12,7 +12,9 @@
 // connect), random refs, resend of unanswered sends with the same ref after a reconnect and
 // of `unconfirmed` and `rate_limited` ones after a backoff, deduplication of redeliveries by
 // id, acks batched after the message listeners returned, reconnects with full-jitter
-// backoff, and an idle watchdog.
+// backoff, and an idle watchdog. With `identity` and `publicKey` (seal.js), every send is
+// sealed for its recipient and every delivery opened; one that does not open is an `unopened`
+// event, never a `message`.
 
 const SUBPROTOCOL = "relay.v1";
 const OPEN = 1;
@@ -21,6 +23,9 @@ const RETRY_CODES = new Set(["unconfirmed", "rate_limited"]);
 /** The first retry of such a send waits up to this (doubling after), so a burst of refused
  * sends comes back spread out rather than as another burst. */
 const RETRY_MIN_MS = 500;
+/** @type {Promise<typeof import("./seal.js")> | null} loaded on the first seal or open */
+let sealModule = null;
+const loadSeal = () => (sealModule ??= import("./seal.js"));
 
 /**
  * @typedef {object} RelayMessage
@@ -29,6 +34,7 @@ const RETRY_MIN_MS = 500;
  * @property {string} body
  * @property {number} sentAt      milliseconds since the epoch
  * @property {number} expiresAt   milliseconds since the epoch
+ * @property {boolean} [sealed]   the body was sealed by `from` and opened (sealing on)
  */
 
 /**
@@ -50,6 +56,9 @@ const RETRY_MIN_MS = 500;
  * @property {number} [ackDelayMs]        acks wait this long to be batched (default 10)
  * @property {number} [dedupeSize]        delivery ids remembered (default 10000)
  * @property {typeof WebSocket} [WebSocket] the WebSocket class (default the global one)
+ * @property {import("./seal.js").Identity} [identity]  seal sends and open deliveries as this
+ * @property {(mailbox: string) => import("./seal.js").PublicKey | null | undefined | Promise<import("./seal.js").PublicKey | null | undefined>} [publicKey]
+ *                                        a mailbox's public key (with identity), or nothing
  */
 
 /** An error answer of the relay (or of this client) to a request. */
@@ -82,8 +91,9 @@ function utf8Length(text) {
 }
 
 /**
- * A relay connection that survives reconnects. Events: `welcome`, `message`, `expired`,
- * `epoch`, `state`, `close` (CustomEvents; the payload is in `event.detail`).
+ * A relay connection that survives reconnects. Events: `welcome`, `message`, `unopened` (with
+ * sealing: a delivery that did not open), `expired`, `epoch`, `state`, `close` (CustomEvents;
+ * the payload is in `event.detail`).
  */
 export class RelayClient extends EventTarget {
   /**
@@ -104,6 +114,15 @@ export class RelayClient extends EventTarget {
     this._ackDelayMs = options.ackDelayMs ?? 10;
     this._dedupeSize = options.dedupeSize ?? 10000;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    if ((options.identity === undefined) !== (options.publicKey === undefined)) {
+      throw new TypeError("sealing needs both identity and publicKey");
+    }
+    this._identity = options.identity ?? null;
+    this._publicKey = options.publicKey ?? null;
+    /** @type {Promise<void>} deliveries being opened, in order */
+    this._opening = Promise.resolve();
+    /** @type {Array<{resolve: (mailbox: string) => void, reject: (e: Error) => void}>} */
+    this._welcomeWaiters = [];
     /** @type {"connecting" | "open" | "closed"} */
     this.state = "closed";
     /** @type {Record<string, any> | null} the last welcome frame */
@@ -164,13 +183,47 @@ export class RelayClient extends EventTarget {
    * Send `body` to one mailbox or a list of them. Resolves with the relay's `accepted` answer
    * (kept and resent with the same ref across reconnects until then, and after `unconfirmed`
    * or `rate_limited` answers, with backoff); rejects with a RelayError carrying the relay's
-   * error code on a definite error.
+   * error code on a definite error. With sealing, it waits for a welcome (it names the sender),
+   * seals once, and rejects with `no_key` for a recipient without a public key and
+   * `bad_recipient` for more than one.
    * @param {string | string[]} to
    * @param {string} body
    * @param {{ttl?: number, ref?: string}} [options]
    * @returns {Promise<Accepted>}
    */
   send(to, body, options = {}) {
+    if (this._identity) return this._sealedSend(to, body, options);
+    return this._send(to, body, options);
+  }
+
+  /** @param {string | string[]} to @param {string} body @param {{ttl?: number, ref?: string}} options */
+  async _sealedSend(to, body, options) {
+    const recipients = Array.isArray(to) ? to : [to];
+    if (recipients.length !== 1) {
+      throw new RelayError("bad_recipient", "a sealed send goes to one mailbox: send to each on its own");
+    }
+    const [recipient] = recipients;
+    const key = await /** @type {NonNullable<typeof this._publicKey>} */ (this._publicKey)(recipient);
+    if (!key) throw new RelayError("no_key", `no public key for ${recipient}: cannot seal to it`);
+    const sender = await this._ownMailbox();
+    const { seal } = await loadSeal();
+    let sealed;
+    try {
+      sealed = await seal(body, key, /** @type {any} */ (this._identity), { sender, recipient });
+    } catch (error) {
+      throw new RelayError("seal_failed", error instanceof Error ? error.message : String(error));
+    }
+    return this._send(recipient, sealed, options);
+  }
+
+  /** The session's mailbox (the welcome's), once there is one. @returns {Promise<string>} */
+  _ownMailbox() {
+    if (this.welcome) return Promise.resolve(this.welcome.mailbox);
+    return new Promise((resolve, reject) => this._welcomeWaiters.push({ resolve, reject }));
+  }
+
+  /** @param {string | string[]} to @param {string} body @param {{ttl?: number, ref?: string}} options */
+  _send(to, body, options) {
     const ref = options.ref ?? crypto.randomUUID();
     /** @type {Record<string, any>} */
     const frame = { type: "send", ref, to, body };
@@ -378,6 +431,7 @@ export class RelayClient extends EventTarget {
       this._connecting.resolve(frame);
       this._connecting = null;
     }
+    for (const waiter of this._welcomeWaiters.splice(0)) waiter.resolve(frame.mailbox);
     for (const entry of this._pending.values()) this._transmit(entry.frame);
     if (this._acks.size) this._scheduleAcks();
   }
@@ -405,12 +459,41 @@ export class RelayClient extends EventTarget {
         sentAt: m.sent_at,
         expiresAt: m.expires_at,
       };
-      try {
-        this.dispatchEvent(new CustomEvent("message", { detail }));
-      } finally {
-        if (this.autoAck) this.ack(m.id);
+      if (this._identity) {
+        const mailbox = this.welcome?.mailbox;
+        this._opening = this._opening.then(() => this._openAndDispatch(detail, mailbox));
+      } else {
+        this._dispatch("message", detail);
       }
     }
+  }
+
+  /** @param {string} type @param {Record<string, any>} detail */
+  _dispatch(type, detail) {
+    try {
+      this.dispatchEvent(new CustomEvent(type, { detail }));
+    } finally {
+      if (this.autoAck) this.ack(detail.id);
+    }
+  }
+
+  /** Open a delivery and dispatch it as `message`, or as `unopened` with why.
+   * @param {RelayMessage} detail @param {string} mailbox */
+  async _openAndDispatch(detail, mailbox) {
+    let body;
+    try {
+      const key = await /** @type {NonNullable<typeof this._publicKey>} */ (this._publicKey)(detail.from);
+      if (!key) throw Object.assign(new Error(`no public key for ${detail.from}`), { reason: "unknown_sender" });
+      const { open } = await loadSeal();
+      body = await open(detail.body, /** @type {any} */ (this._identity), key, { sender: detail.from, recipient: mailbox });
+    } catch (error) {
+      const reason = /** @type {any} */ (error)?.reason ?? "error";
+      const text = error instanceof Error ? error.message : String(error);
+      const { body: _, ...about } = detail; // what arrived is no text: not passed on
+      this._dispatch("unopened", { ...about, reason, error: text });
+      return;
+    }
+    this._dispatch("message", { ...detail, body, sealed: true });
   }
 
   _scheduleAcks() {
@@ -496,6 +579,7 @@ export class RelayClient extends EventTarget {
     const error = new RelayError(errorCode, reason);
     for (const entry of this._pending.values()) entry.reject(error);
     this._pending.clear();
+    for (const waiter of this._welcomeWaiters.splice(0)) waiter.reject(error);
     if (this._connecting) {
       this._connecting.reject(error);
       this._connecting = null;
