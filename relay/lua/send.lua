@@ -10,7 +10,7 @@
 -- before (nothing stored), {2} when the ref was used for another request,
 -- {-1, 'messages' | 'bytes', limit} when the mailbox is full.
 local idx, tally, msg, ref = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local id, envelope, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local id, envelope = ARGV[1], ARGV[2]
 local max_messages, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
 
 if ARGV[7] == '1' then
@@ -23,49 +23,61 @@ if ARGV[7] == '1' then
   end
 end
 
--- Run again with the same id (a retry after a lost reply): it is stored already.
-local stored = redis.call('ZSCORE', idx, id)
-if stored then
-  return {0, stored}
-end
-
+local msg_prefix = string.sub(msg, 1, #msg - #id)
+local n, b, s, m, e, rebuilt = load(idx, tally, msg_prefix)
 local value = ARGV[11] .. '\n' .. envelope
 local size = #value
-local count = redis.call('ZCARD', idx)
-local bytes = tonumber(redis.call('HGET', tally, 'b') or '0')
-if count >= max_messages or bytes + size > max_bytes then
-  -- The counts may include expired messages: recount before refusing.
-  count, bytes = purge(idx, string.sub(msg, 1, #msg - #id))
-  if redis.call('EXISTS', tally) == 1 then
-    redis.call('HSET', tally, 'b', bytes)
+if n >= max_messages or b + size > max_bytes then
+  -- Run again with the same id (a retry after a lost reply): it is stored already.
+  local stored = redis.call('ZSCORE', idx, id)
+  if stored then
+    return {0, stored}
   end
-  if count >= max_messages then
-    return {-1, 'messages', max_messages}
+  -- The tally may count expired messages: recount before refusing.
+  if not rebuilt then
+    local live, bytes, soonest, top = recount(idx, msg_prefix)
+    n, b, m, e = live, bytes, soonest, tonumber(e) + math.max(n - live, 0)
+    if below(s, top) then
+      s = top
+    end
+    rebuilt = true
   end
-  if bytes + size > max_bytes then
+  if n >= max_messages or b + size > max_bytes then
+    save(tally, n, b, s, m, e, ARGV[9], redis.pcall)
+    if n >= max_messages then
+      return {-1, 'messages', max_messages}
+    end
     return {-1, 'bytes', max_bytes}
   end
 end
 
 -- Sequence: microseconds of the Redis clock, strictly increasing per mailbox.
-local now = redis.call('TIME')
-local seq = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local last = redis.call('ZRANGE', idx, -1, -1, 'WITHSCORES')
-if last[2] and tonumber(last[2]) >= seq then
-  seq = tonumber(last[2]) + 1
+local seq, now_ms = clock()
+if not below(s, seq) then
+  seq = string.format('%.0f', tonumber(s) + 1)
 end
-seq = string.format('%.0f', seq)
+local expires = now_ms + tonumber(ARGV[3])
 
-redis.call('SET', msg, value, 'PX', ttl_ms)
-redis.call('ZADD', idx, seq, id)
-if redis.call('PTTL', idx) < ttl_ms then
-  redis.call('PEXPIRE', idx, ttl_ms)
+if not redis.call('SET', msg, value, 'PXAT', expires, 'NX') then
+  return {0, redis.call('ZSCORE', idx, id)} -- run again with the same id
 end
-redis.call('HINCRBY', tally, 'n', 1)
-redis.call('HINCRBY', tally, 'b', size)
-redis.call('PEXPIRE', tally, ARGV[9])
+local added = redis.call('ZADD', idx, seq, id)
+-- The index lives as long as its longest-lived message: extend, never shorten, and
+-- never leave it without a TTL (NX sets one only where there is none).
+local first, second = 'GT', 'NX'
+if n == 0 then
+  first, second = 'NX', 'GT' -- most likely a new index
+end
+if redis.call('PEXPIREAT', idx, expires, first) == 0 then
+  redis.call('PEXPIREAT', idx, expires, second)
+end
+
+if n == 0 or expires < m then
+  m = expires
+end
+save(tally, n + added, b + size, seq, m, e, ARGV[9], redis.call)
 if ARGV[7] == '1' then
-  redis.call('SET', ref, ARGV[8], 'PX', ttl_ms)
+  redis.call('SET', ref, ARGV[8], 'PXAT', expires)
 end
 redis.call('PUBLISH', ARGV[6], seq .. ' ' .. envelope)
 return {0, seq}
