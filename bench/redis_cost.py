@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-WORKLOADS = ("online", "backlog")
+WORKLOADS = ("online", "pairs", "backlog")
 PREFIX = "cost:"
 FETCH_PAGE = 100  # as relay/session.py reads
 TTL_S = 3600
@@ -93,6 +93,22 @@ async def _worker(url: str, workload: str, o: dict[str, Any]) -> None:
                     await store.ack(b, [i for bb, i in ids if bb == b])
                 ids.clear()
 
+    async def pair(task: int) -> None:
+        box = boxes[task % len(boxes)]
+        ids: list[str] = []
+
+        async def send_one() -> None:
+            now = time.time_ns() // 1_000_000
+            accepted = await store.send(f"s{task}", [box], body, TTL_S, secrets.token_hex(8), now)
+            ids.append(accepted.ids[box])
+
+        for _ in range(per_task // o["window"]):
+            async with trio.open_nursery() as window:
+                for _ in range(o["window"]):
+                    window.start_soon(send_one)
+            await store.ack(box, ids)
+            ids.clear()
+
     async def store_only(task: int) -> None:
         for n in range(per_task):
             box = boxes[(task + n * o["tasks"]) % len(boxes)]
@@ -125,6 +141,9 @@ async def _worker(url: str, workload: str, o: dict[str, Any]) -> None:
         if workload == "online":
             await run_all(online, list(range(o["tasks"])))
             await mark("online", messages)
+        elif workload == "pairs":
+            await run_all(pair, list(range(o["tasks"])))
+            await mark("pairs", per_task // o["window"] * o["window"] * o["tasks"])
         else:
             await run_all(store_only, list(range(o["tasks"])))
             await mark("store", messages)
@@ -300,6 +319,7 @@ def main() -> None:
     parser.add_argument("--mailboxes", type=int, default=50)
     parser.add_argument("--body-bytes", type=int, default=100)
     parser.add_argument("--ack-batch", type=int, default=1, help="ids per ack (online)")
+    parser.add_argument("--window", type=int, default=8, help="sends in flight per pair (pairs)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workload", choices=WORKLOADS, action="append")
     parser.add_argument("--redis-cpu", type=int, help="pin each Valkey to this CPU")
@@ -310,6 +330,7 @@ def main() -> None:
         "mailboxes": args.mailboxes,
         "body_bytes": args.body_bytes,
         "ack_batch": args.ack_batch,
+        "window": args.window,
     }
     workloads = args.workload or list(WORKLOADS)
     variants = [("this checkout", None)]

@@ -45,19 +45,19 @@ from relay.errors import (
     StorageUnavailable,
     Unconfirmed,
 )
-from relay.redis_pump import Command, LuaScript, RedisPump
+from relay.redis_pump import Command, LuaScript, Merge, RedisPump
 from relay.store import Accepted, Delivery, SessionStart, envelope_id
 
 
-def _load(name: str) -> LuaScript:
+def _load(name: str, *parts: str) -> LuaScript:
+    """A script of relay/lua/, after common.lua and the shared `parts` it uses."""
     lua = resources.files("relay") / "lua"
-    source = (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
-    return LuaScript(name, source)
+    files = ("common", *parts, name)
+    return LuaScript(name, "\n".join((lua / f"{f}.lua").read_text() for f in files))
 
 
-SEND, FETCH, ACK, START, EPOCH, UNSEND = (
-    _load(n) for n in ("send", "fetch", "ack", "start", "epoch", "unsend")
-)
+SEND, START = _load("send", "tally"), _load("start", "tally")
+FETCH, ACK, EPOCH, UNSEND = (_load(n) for n in ("fetch", "ack", "epoch", "unsend"))
 
 TAG_BYTES = 22  # as in common.lua
 NO_REF = "." * TAG_BYTES  # the tag of a message sent without a ref (not base64url)
@@ -199,9 +199,14 @@ class RedisMailboxStore:
                 request,
                 tag,
             )
+            # Sends to one mailbox that meet in a pump batch run as one script.
+            merge = Merge((SEND.sha, keys.idx, *args[3:6], args[8]), _join_sends)
             commands.append(
                 Command.call(
-                    SEND, (keys.idx, keys.tally, keys.msg(message_id), keys.ref_prefix + tag), args
+                    SEND,
+                    (keys.idx, keys.tally, keys.msg(message_id), keys.ref_prefix + tag),
+                    args,
+                    merge,
                 )
             )
         commands.extend(self._epoch_refresh())
@@ -326,6 +331,22 @@ class RedisMailboxStore:
             return await self.pump.run_script(script, keys, args)
         except redis.RedisError as exc:
             raise _storage_error(exc) from exc
+
+
+def _join_sends(commands: Sequence[Command]) -> Command:
+    """Sends to one mailbox as one run of send.lua: the first with all its arguments,
+    each further one with its own (send.lua's layout for several messages)."""
+    keys: list[Any] = []
+    args: list[Any] = []
+    for command in commands:
+        count = command.args[2]
+        own_keys, own_args = command.args[3 : 3 + count], command.args[3 + count :]
+        if not keys:
+            keys, args = list(own_keys), list(own_args)
+        else:
+            keys += own_keys[2:]  # msg, ref
+            args += (own_args[i] for i in (0, 1, 2, 6, 7, 9, 10))
+    return Command.call(SEND, keys, args)
 
 
 def _storage_error(exc: Exception) -> Exception:

@@ -1,83 +1,142 @@
--- Store one copy of a message for one recipient, index it, and publish it.
--- KEYS: idx, tally, msg, ref
--- ARGV: id, envelope, ttl_ms, max_messages, max_bytes, channel,
---       use_ref ('1' or '0'), ref record value, retention_ms, fingerprint, tag
+-- Store copies of messages for one recipient, index them, and publish each.
+-- KEYS: idx, tally, then msg and ref of each message
+-- ARGV: of the first message: id, envelope, ttl_ms, max_messages, max_bytes, channel,
+--       use_ref ('1' or '0'), ref record value, retention_ms, fingerprint, tag;
+--       of each further one: id, envelope, ttl_ms, use_ref, ref record value,
+--       fingerprint, tag
+-- Several messages in one run (the pump joins the sends to one mailbox that meet in
+-- a batch) are stored as if one run each, in their order, and share the reads and
+-- writes of the index and the tally.
 -- The stored value is `tag .. '\n' .. envelope`: the tag names the message's ref
 -- record (its hash, or NO_REF), so the ack can shorten that record's life.
 -- A ref record holds "<id> <expires_at_ms> <fingerprint>".
 -- Idempotent: a second run with the same id stores and publishes nothing more.
--- Returns {0, seq} when stored, {1, ref record} when the same request was seen
--- before (nothing stored), {2} when the ref was used for another request,
--- {-1, 'messages' | 'bytes', limit} when the mailbox is full.
-local idx, tally, msg, ref = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local id, envelope = ARGV[1], ARGV[2]
+-- A message's result is {0, seq} when stored, {1, ref record} when the same request
+-- was seen before (nothing stored), {2} when the ref was used for another request,
+-- {-1, 'messages' | 'bytes', limit} when the mailbox is full. Returns the result of
+-- a lone message, or the list of the results.
+local idx, tally = KEYS[1], KEYS[2]
 local max_messages, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
+local channel, retention_ms = ARGV[6], ARGV[9]
+local msg_prefix = string.sub(KEYS[3], 1, #KEYS[3] - #ARGV[1])
 
-if ARGV[7] == '1' then
-  local prior = redis.call('GET', ref)
-  if prior then
-    if string.sub(prior, -#ARGV[10] - 1) ~= ' ' .. ARGV[10] then
-      return {2}
+local n, b, s, m, e, recounted = load(idx, tally, msg_prefix)
+local fresh = n == e -- most likely a new index
+local now, now_ms = clock()
+local single = #KEYS == 4
+local longest, result = 0, nil
+local pending, results -- several messages: their index entries and results
+if not single then
+  pending, results = {}, {}
+end
+
+for i = 1, (#KEYS - 2) / 2 do
+  local msg, ref = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local a = i == 1 and 0 or 4 + 7 * (i - 1) -- the further messages' fields, in order
+  local id, envelope, ttl_ms = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local use_ref, record, fingerprint, tag
+  if i == 1 then
+    use_ref, record, fingerprint, tag = ARGV[7], ARGV[8], ARGV[10], ARGV[11]
+  else
+    use_ref, record, fingerprint, tag = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  end
+  local expires = now_ms + tonumber(ttl_ms)
+  local value = tag .. '\n' .. envelope
+  local size = #value
+  repeat -- `break` once `result` is known
+    if use_ref == '1' then
+      local prior = redis.call('SET', ref, record, 'PXAT', expires, 'NX', 'GET')
+      if prior then
+        if string.sub(prior, -#fingerprint - 1) ~= ' ' .. fingerprint then
+          result = {2}
+        else
+          result = {1, prior}
+        end
+        break
+      end
     end
-    return {1, prior}
-  end
-end
-
-local msg_prefix = string.sub(msg, 1, #msg - #id)
-local n, b, s, m, e, rebuilt = load(idx, tally, msg_prefix)
-local value = ARGV[11] .. '\n' .. envelope
-local size = #value
-if n >= max_messages or b + size > max_bytes then
-  -- Run again with the same id (a retry after a lost reply): it is stored already.
-  local stored = redis.call('ZSCORE', idx, id)
-  if stored then
-    return {0, stored}
-  end
-  -- The tally may count expired messages: recount before refusing.
-  if not rebuilt then
-    local live, bytes, soonest, top = recount(idx, msg_prefix)
-    n, b, m, e = live, bytes, soonest, tonumber(e) + math.max(n - live, 0)
-    if below(s, top) then
-      s = top
+    if n - e >= max_messages or b + size > max_bytes then
+      -- Run again with the same id (a retry after a lost reply): it is stored already.
+      local stored = redis.call('ZSCORE', idx, id)
+      if stored then
+        result = {0, stored}
+        break
+      end
+      -- The tally may count expired messages: recount before refusing.
+      if not recounted then
+        if pending and #pending > 0 then
+          redis.call('ZADD', idx, unpack(pending))
+          pending = {}
+        end
+        local live, bytes, soonest, top = recount(idx, msg_prefix)
+        n, b, m, e = math.max(n, live), bytes, soonest, math.max(n - live, 0)
+        if below(s, top) then
+          s = top
+        end
+        recounted = true
+      end
+      if n - e >= max_messages or b + size > max_bytes then
+        if use_ref == '1' then
+          redis.call('DEL', ref)
+        end
+        if n - e >= max_messages then
+          result = {-1, 'messages', max_messages}
+        else
+          result = {-1, 'bytes', max_bytes}
+        end
+        break
+      end
     end
-    rebuilt = true
-  end
-  if n >= max_messages or b + size > max_bytes then
-    save(tally, n, b, s, m, e, ARGV[9], redis.pcall)
-    if n >= max_messages then
-      return {-1, 'messages', max_messages}
+    if not redis.call('SET', msg, value, 'PXAT', expires, 'NX') then
+      result = {0, redis.call('ZSCORE', idx, id)} -- run again with the same id
+      break
     end
-    return {-1, 'bytes', max_bytes}
+    -- Sequence: microseconds of the Redis clock, strictly increasing per mailbox.
+    if below(s, now) then
+      s = now
+    else
+      s = next_integer(s)
+    end
+    if single then
+      redis.call('ZADD', idx, s, id)
+    else
+      pending[#pending + 1] = s
+      pending[#pending + 1] = id
+    end
+    redis.call('PUBLISH', channel, s .. ' ' .. envelope)
+    if n == e or expires < m then
+      m = expires
+    end
+    n, b, longest = n + 1, b + size, math.max(longest, expires)
+    result = {0, s}
+  until true
+  if not single then
+    results[i] = result
   end
 end
 
--- Sequence: microseconds of the Redis clock, strictly increasing per mailbox.
-local seq, now_ms = clock()
-if not below(s, seq) then
-  seq = string.format('%.0f', tonumber(s) + 1)
+if longest > 0 then
+  if pending and #pending > 0 then
+    redis.call('ZADD', idx, unpack(pending))
+  end
+  -- The index lives as long as its longest-lived message: extend, never shorten, and
+  -- never leave it without a TTL (NX sets one only where there is none).
+  local first, second = 'GT', 'NX'
+  if fresh then
+    first, second = 'NX', 'GT'
+  end
+  if redis.call('PEXPIREAT', idx, longest, first) == 0 then
+    redis.call('PEXPIREAT', idx, longest, second)
+  end
+  save(tally, n, b, s, m, e, retention_ms, redis.call)
+elseif recounted then
+  if n == 0 then
+    redis.call('DEL', tally) -- counts nothing: not kept
+  else
+    save(tally, n, b, s, m, e, retention_ms, redis.pcall)
+  end
 end
-local expires = now_ms + tonumber(ARGV[3])
-
-if not redis.call('SET', msg, value, 'PXAT', expires, 'NX') then
-  return {0, redis.call('ZSCORE', idx, id)} -- run again with the same id
+if single then
+  return result
 end
-local added = redis.call('ZADD', idx, seq, id)
--- The index lives as long as its longest-lived message: extend, never shorten, and
--- never leave it without a TTL (NX sets one only where there is none).
-local first, second = 'GT', 'NX'
-if n == 0 then
-  first, second = 'NX', 'GT' -- most likely a new index
-end
-if redis.call('PEXPIREAT', idx, expires, first) == 0 then
-  redis.call('PEXPIREAT', idx, expires, second)
-end
-
-if n == 0 or expires < m then
-  m = expires
-end
-save(tally, n + added, b + size, seq, m, e, ARGV[9], redis.call)
-if ARGV[7] == '1' then
-  redis.call('SET', ref, ARGV[8], 'PXAT', expires)
-end
-redis.call('PUBLISH', ARGV[6], seq .. ' ' .. envelope)
-return {0, seq}
+return results

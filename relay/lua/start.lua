@@ -1,22 +1,24 @@
 -- A session starts: tell how many messages expired unacknowledged since the last
 -- session, dropping their index entries. The tally says when that needs a look at
--- the index: only when a counted message may have expired since the last recount.
+-- the index: only when an indexed message may have expired since the last recount.
 -- When a notice is given, publish it on the mailbox's channel: other sessions
 -- of the mailbox learn they are replaced.
 -- KEYS: idx, tally   ARGV: msg key prefix, retention_ms, channel, notice ('' for none)
 -- Returns {expired, live messages, live bytes}.
 local idx, tally = KEYS[1], KEYS[2]
 local n, b, s, m, e, changed = load(idx, tally, ARGV[1])
-if not changed and n > 0 and select(2, clock()) >= m then
+local expired = e
+if not changed and n > e and select(2, clock()) >= m then
   local live, bytes, soonest, top = recount(idx, ARGV[1])
-  n, b, m, e = live, bytes, soonest, tonumber(e) + math.max(n - live, 0)
+  expired = math.max(n - live, 0)
+  n, b, m = live + expired, bytes, soonest
   if below(s, top) then
     s = top
   end
   changed = true
 end
-local expired = tonumber(e)
-if n == 0 then
+n = n - expired
+if n <= 0 then
   redis.call('DEL', tally)
 elseif changed or expired > 0 then
   -- A full Redis (noeviction) refuses this HSET when nothing expired: then the
