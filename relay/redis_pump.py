@@ -63,11 +63,13 @@ class LuaScript:
 
 @attrs.frozen
 class Merge:
-    """Commands of one batch with equal `key` may run as `join(those commands)`, whose
-    reply is the list of their replies, in order."""
+    """Commands of one batch with equal `key` may run as `join(those commands)`; its
+    reply is the list of their replies, in order, or what `split(reply, count)` turns
+    into that list."""
 
     key: Hashable
     join: Callable[[Sequence[Command]], Command]
+    split: Callable[[Any, int], list[Any]] | None = None
 
 
 @attrs.frozen
@@ -264,19 +266,11 @@ class RedisPump:
         for (_, owners), reply in zip(units, replies, strict=True):
             if len(owners) == 1:
                 results[owners[0]] = reply
-            elif isinstance(reply, list) and len(reply) == len(owners):
-                for i, own in zip(owners, reply, strict=True):
-                    results[i] = own
-            else:  # an error (or a reply the script should not give) is each one's
-                error = (
-                    reply
-                    if isinstance(reply, Exception)
-                    else redis.ResponseError(
-                        f"a joined command answered {type(reply).__name__}, not {len(owners)} replies"
-                    )
-                )
-                for i in owners:
-                    results[i] = error
+                continue
+            merge = commands[owners[0]].merge
+            assert merge is not None
+            for i, own in zip(owners, _split(merge, reply, len(owners)), strict=True):
+                results[i] = own
         return results
 
     async def _pipeline(self, packed: list[bytes]) -> list[Any]:
@@ -353,6 +347,23 @@ def _merged(commands: Sequence[Command]) -> list[tuple[Command, list[int]]]:
         else (command, owners)
         for command, owners in units
     ]
+
+
+def _split(merge: Merge, reply: Any, count: int) -> list[Any]:
+    """The replies of the `count` commands a joined one ran; an error of the joined
+    command (or a reply of the wrong shape) is each one's."""
+    if isinstance(reply, Exception):
+        return [reply] * count
+    try:
+        parts = merge.split(reply, count) if merge.split is not None else reply
+    except Exception as exc:  # a reply the split cannot read
+        parts = exc
+    if isinstance(parts, list) and len(parts) == count:
+        return parts
+    error = redis.ResponseError(
+        f"a joined command answered {type(reply).__name__}, not {count} replies"
+    )
+    return [error] * count
 
 
 def _failed(request: _Request, why: str) -> list[Any]:

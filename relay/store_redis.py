@@ -200,7 +200,7 @@ class RedisMailboxStore:
                 tag,
             )
             # Sends to one mailbox that meet in a pump batch run as one script.
-            merge = Merge((SEND.sha, keys.idx, *args[3:6], args[8]), _join_sends)
+            merge = Merge((SEND.sha, keys.idx, *args[3:6], args[8]), _join_sends, _split_sends)
             commands.append(
                 Command.call(
                     SEND,
@@ -334,8 +334,8 @@ class RedisMailboxStore:
 
 
 def _join_sends(commands: Sequence[Command]) -> Command:
-    """Sends to one mailbox as one run of send.lua: the first with all its arguments,
-    each further one with its own (send.lua's layout for several messages)."""
+    """Sends to one mailbox as one run of send.lua: the first with all its keys and
+    arguments, each further one with the arguments of its own (send.lua's layout)."""
     keys: list[Any] = []
     args: list[Any] = []
     for command in commands:
@@ -343,10 +343,21 @@ def _join_sends(commands: Sequence[Command]) -> Command:
         own_keys, own_args = command.args[3 : 3 + count], command.args[3 + count :]
         if not keys:
             keys, args = list(own_keys), list(own_args)
-        else:
-            keys += own_keys[2:]  # msg, ref
-            args += (own_args[i] for i in (0, 1, 2, 6, 7, 9, 10))
+        else:  # id, envelope, ttl, ref record ('' for none), tag
+            record = own_args[7] if own_args[6] == "1" else ""
+            args += (own_args[0], own_args[1], own_args[2], record, own_args[10])
     return Command.call(SEND, keys, args)
+
+
+def _split_sends(reply: Any, count: int) -> list[Any]:
+    """The result of each send of a joined send.lua run, shaped as a lone run's."""
+    results = []
+    for i in range(0, 3 * count, 3):
+        kind, first, second = reply[i : i + 3]
+        results.append(
+            [kind, first, second] if kind == -1 else [kind, first] if kind < 2 else [kind]
+        )
+    return results
 
 
 def _storage_error(exc: Exception) -> Exception:

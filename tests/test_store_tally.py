@@ -180,6 +180,12 @@ async def test_a_tally_that_counts_too_little_heals_before_the_quota_is_passed(
         redis_client.hset(keys.tally, "n", "0")
         with pytest.raises(MailboxFull):
             await small.send("alice", ["bob"], "third", 600, None, t)
+        assert tally_of(redis_client, small, "bob")["n"] == "2"
+        # A tally that looks whole but counts too little heals at the next session.
+        redis_client.hset(keys.tally, "n", "0")
+        assert (await small.start_session("bob")).waiting == 2
+        with pytest.raises(MailboxFull):
+            await small.send("alice", ["bob"], "third", 600, None, t)
     assert tally_of(redis_client, small, "bob")["n"] == "2"
 
 

@@ -1,9 +1,9 @@
 -- Store copies of messages for one recipient, index them, and publish each.
--- KEYS: idx, tally, then msg and ref of each message
+-- KEYS: idx, tally, msg, ref (the first message's)
 -- ARGV: of the first message: id, envelope, ttl_ms, max_messages, max_bytes, channel,
 --       use_ref ('1' or '0'), ref record value, retention_ms, fingerprint, tag;
---       of each further one: id, envelope, ttl_ms, use_ref, ref record value,
---       fingerprint, tag
+--       of each further one: id, envelope, ttl_ms, ref record value ('' for none),
+--       tag (its keys are named as the first one's are)
 -- Several messages in one run (the pump joins the sends to one mailbox that meet in
 -- a batch) are stored as if one run each, in their order, and share the reads and
 -- writes of the index and the tally.
@@ -14,31 +14,35 @@
 -- A message's result is {0, seq} when stored, {1, ref record} when the same request
 -- was seen before (nothing stored), {2} when the ref was used for another request,
 -- {-1, 'messages' | 'bytes', limit} when the mailbox is full. Returns the result of
--- a lone message, or the list of the results.
+-- a lone message; for several, their results one after the other, each padded with ''
+-- to three values.
 local idx, tally = KEYS[1], KEYS[2]
 local max_messages, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
 local channel, retention_ms = ARGV[6], ARGV[9]
 local msg_prefix = string.sub(KEYS[3], 1, #KEYS[3] - #ARGV[1])
+local ref_prefix = string.sub(msg_prefix, 1, -5) .. 'ref:' -- '<mailbox base>msg:' less 'msg:'
 
 local n, b, s, m, e, recounted = load(idx, tally, msg_prefix)
 local fresh = n == e -- most likely a new index
 local now, now_ms = clock()
-local single = #KEYS == 4
+local single = #ARGV == 11
 local longest, result = 0, nil
 local pending, results -- several messages: their index entries and results
 if not single then
   pending, results = {}, {}
 end
 
-for i = 1, (#KEYS - 2) / 2 do
-  local msg, ref = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local a = i == 1 and 0 or 4 + 7 * (i - 1) -- the further messages' fields, in order
-  local id, envelope, ttl_ms = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local use_ref, record, fingerprint, tag
+for i = 1, 1 + (#ARGV - 11) / 5 do
+  local msg, ref, id, envelope, ttl_ms, use_ref, record, fingerprint, tag
   if i == 1 then
+    msg, ref, id, envelope, ttl_ms = KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3]
     use_ref, record, fingerprint, tag = ARGV[7], ARGV[8], ARGV[10], ARGV[11]
   else
-    use_ref, record, fingerprint, tag = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+    local a = 11 + 5 * (i - 2)
+    id, envelope, ttl_ms, record, tag = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+    msg, ref = msg_prefix .. id, ref_prefix .. tag
+    use_ref = record == '' and '0' or '1'
+    fingerprint = string.sub(record, -TAG_BYTES) -- "<id> <expires_at_ms> <fingerprint>"
   end
   local expires = now_ms + tonumber(ttl_ms)
   local value = tag .. '\n' .. envelope
@@ -110,8 +114,8 @@ for i = 1, (#KEYS - 2) / 2 do
     n, b, longest = n + 1, b + size, math.max(longest, expires)
     result = {0, s}
   until true
-  if not single then
-    results[i] = result
+  if not single then -- flat: three values a message (the reply is cheaper to make)
+    results[3 * i - 2], results[3 * i - 1], results[3 * i] = result[1], result[2] or '', result[3] or ''
   end
 end
 

@@ -1,6 +1,7 @@
 -- A session starts: tell how many messages expired unacknowledged since the last
 -- session, dropping their index entries. The tally says when that needs a look at
--- the index: only when an indexed message may have expired since the last recount.
+-- the index: only when an indexed message may have expired since the last recount,
+-- or when the index holds more than the tally counts (a tally gone wrong).
 -- When a notice is given, publish it on the mailbox's channel: other sessions
 -- of the mailbox learn they are replaced.
 -- KEYS: idx, tally   ARGV: msg key prefix, retention_ms, channel, notice ('' for none)
@@ -8,7 +9,10 @@
 local idx, tally = KEYS[1], KEYS[2]
 local n, b, s, m, e, changed = load(idx, tally, ARGV[1])
 local expired = e
-if not changed and n > e and select(2, clock()) >= m then
+if
+  not changed
+  and ((n > e and select(2, clock()) >= m) or redis.call('ZCARD', idx) > n - e)
+then
   local live, bytes, soonest, top = recount(idx, ARGV[1])
   expired = math.max(n - live, 0)
   n, b, m = live + expired, bytes, soonest
