@@ -1,4 +1,5 @@
-"""`relay bench WORKLOAD ...`: run one workload against a relay and report it.
+"""`relay bench WORKLOAD ...`: run one workload against a relay and report it (after the
+calibration on the echo server, and with the baseline relay when asked).
 
 Exit status: 0 when every self-check passed (targets missed or not), 1 when a
 self-check failed or the run could not finish, 2 on a usage error or when the
@@ -9,44 +10,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import secrets
 import sys
-import time
+from typing import Any
 
+from hdrh.histogram import HdrHistogram
 from rich.console import Console
 
-from . import plots, report
-from .checks import Failures
+from . import compare, plots, report
+from .baseline import BaselineError, RelayTree
+from .calibrate import calibration_options
+from .measured import Measured, Refused, measure, profile_path
 from .options import BenchOptions, from_args
-from .outcome import Outcome
-from .profile import Profiler
-from .redis_probe import RedisProbe
-from .runner import Run
 from .system import command_line, git_commit, machine, pin_self, raise_open_files, utc_now
-from .target import SpawnedRelay, Target, TargetError, probe
-from .wire import mailbox
-from .workloads import WORKLOADS
+from .target import TargetError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-MAX_RETENTION_FOR_URL_S = 120  # retention against a given relay: its window must be short
-
-
-# One generator on one address would hit the relay's per-connection frame rate limit
-# (acks count too) and its per-address connection limit: a spawned relay lifts them.
-SPAWN_LIMITS = (
-    *("--rate-limit", "1000000", "--rate-burst", "1000000"),
-    *("--max-connections", "100000", "--max-connections-per-ip", "100000"),
-)
-
-
-def _spawn_args(o: BenchOptions) -> list[str]:
-    args = list(SPAWN_LIMITS)
-    if o.workload == "retention":
-        args += ["--retention", f"{o.retention_s}s"]
-    if o.workload == "idle":
-        args += ["--ping-interval", f"{o.ping_interval_s:g}"]
-    return args
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,95 +42,83 @@ def run(args: argparse.Namespace) -> int:
         "git": git_commit(),
         "machine": machine(),
     }
-    stamp = utc_now().strftime("%Y%m%dT%H%M%SZ")
-    run_id = secrets.token_hex(4)
-    failures = Failures()
-    with contextlib.ExitStack() as stack:
-        try:
-            target = _target(options, stack, run_id)
-        except TargetError as exc:
-            err.print(f"relay bench: {exc}")
-            return EXIT_USAGE
-        refusal = _refuse(options, target)
-        if refusal:
-            err.print(f"relay bench {options.workload}: {refusal}")
-            return EXIT_USAGE
-        redis = (
-            RedisProbe(target.redis_url, target.key_prefix, run_id) if target.redis_url else None
+    stem = f"{options.workload}-{utc_now().strftime('%Y%m%dT%H%M%SZ')}"
+    try:
+        main, calibration, baseline = _measure_all(options, err, stem)
+    except (TargetError, BaselineError, Refused) as exc:
+        err.print(f"relay bench {options.workload}: {exc}")
+        return EXIT_USAGE
+    if baseline is not None:
+        compare.baseline_targets(
+            options, main.outcome, main.outcome.metrics, baseline.outcome.metrics
         )
-        if redis is not None:
-            stack.callback(redis.close)
-        bench_run = Run(options, target, run_id, time.monotonic(), err, redis, failures)
-        if options.profile and target.relay_pid:
-            path = os.path.join(options.out, f"{options.workload}-{stamp}-profile.txt")
-            bench_run.profiler = Profiler(target.relay_pid, path)
-        outcome: Outcome = WORKLOADS[options.workload](bench_run)
-        spawned = stack.pop_all()
-        relay_alive = _relay_alive(target)
-        spawned.close()  # stop the relay and Valkey before writing the report
-    if target.spawned and not relay_alive:
-        failures.add("worker", "the spawned relay exited during the run")
-    result = report.build(options, target, outcome, failures, context)
-    if bench_run.profile:
-        result["profile"] = bench_run.profile
-    stem = f"{options.workload}-{stamp}"
+    result = report.build(options, main, calibration, baseline, context)
+    if main.profile:
+        result["profile"] = main.profile
     result["plots"] = plots.draw(
-        outcome.histograms, outcome.series, options.out, stem, f"relay bench {options.workload}"
+        _curves(main, calibration, baseline),
+        _series(main, baseline),
+        options.out,
+        stem,
+        plots.Labels.of(result),
+        main.outcome.targets,
+        _ceiling_rate(result),
     )
-    json_path, md_path = report.write(result, outcome, options.out, stem)
-    report.show(Console(), result, outcome)
+    json_path, md_path = report.write(result, main.outcome, options.out, stem)
+    report.show(Console(), result, main.outcome)
     err.print(f"wrote {json_path}, {md_path} and {len(result['plots'])} plot(s)")
     return EXIT_OK if result["ok"] else EXIT_FAILED
 
 
-def _target(options: BenchOptions, stack: contextlib.ExitStack, run_id: str) -> Target:
-    if options.spawn:
-        relay = stack.enter_context(SpawnedRelay(options.relay_cpu, _spawn_args(options)))
-        target = Target(
-            url=f"ws://127.0.0.1:{relay.port}/v1",
-            secret=relay.secret,
-            redis_url=relay.valkey.url,
-            key_prefix="relay:",
-            relay_pid=relay.pid,
-            spawned=True,
-            metrics_url=relay.metrics_url,
-        )
-    else:
-        assert options.url is not None and options.jwt_secret is not None
-        target = Target(
-            url=options.url,
-            secret=options.jwt_secret,
-            redis_url=options.redis_url,
-            key_prefix=options.key_prefix,
-            relay_pid=options.relay_pid,
-            spawned=False,
-            metrics_url=options.metrics_url,
-        )
-    target.welcome = probe(target.url, target.secret, mailbox(run_id, "probe", 0))
-    return target
+def _measure_all(
+    options: BenchOptions, err: Console, stem: str
+) -> tuple[Measured, Measured | None, Measured | None]:
+    """The calibration (unless skipped), the workload, and the baseline (with --baseline)."""
+    with contextlib.ExitStack() as stack:
+        tree = stack.enter_context(RelayTree(options.baseline)) if options.baseline else None
+        profile = profile_path(options, stem)
+        if options.workload == "calibrate":
+            err.print("calibration: the echo server under the throughput loop")
+            return measure("calibration", calibration_options(options), err, profile), None, None
+        calibration = None
+        if options.calibrate:
+            err.print("calibration: the echo server first (skip it with --no-calibrate)")
+            calibration = measure("calibration", calibration_options(options), err)
+        err.print(f"{options.workload}: this checkout's relay")
+        main = measure("relay", options, err, profile)
+        baseline = None
+        if tree is not None:
+            err.print(f"{options.workload}: the baseline relay, {tree.ref} ({tree.commit[:10]})")
+            baseline = measure("baseline", options, err, tree=tree)
+        return main, calibration, baseline
 
 
-def _refuse(options: BenchOptions, target: Target) -> str | None:
-    if options.workload != "retention":
+def _curves(
+    main: Measured, calibration: Measured | None, baseline: Measured | None
+) -> dict[str, HdrHistogram]:
+    """This relay's latency curves, and the first of the baseline's and the calibration's."""
+    curves = dict(main.outcome.histograms)
+    for prefix, other in (("baseline", baseline), ("ceiling (echo)", calibration)):
+        if other is not None and other.outcome.histograms:
+            name, hist = next(iter(other.outcome.histograms.items()))
+            curves[f"{prefix}: {name}"] = hist
+    return curves
+
+
+def _series(main: Measured, baseline: Measured | None) -> dict[str, dict[int, int]]:
+    series = dict(main.outcome.series)
+    if baseline is not None:
+        series.update({f"baseline: {k}": v for k, v in baseline.outcome.series.items()})
+    return series
+
+
+def _ceiling_rate(result: dict[str, Any]) -> float | None:
+    """The ceiling's msgs/s where it is one (a closed loop: an open loop's is its rate)."""
+    cal = result.get("calibration")
+    if not cal or cal["loop"]["workload"] != "throughput":
         return None
-    if target.redis_url is None:
-        return "needs the relay's Redis to watch keys expire: use --spawn, or --redis-url"
-    retention = int(target.welcome.get("retention_s", 0))
-    if retention > MAX_RETENTION_FOR_URL_S:
-        return (
-            f"the relay's retention is {retention} s; run one with a short --retention, or --spawn"
-        )
-    return None
-
-
-def _relay_alive(target: Target) -> bool:
-    if target.relay_pid is None:
-        return True
-    try:
-        with open(f"/proc/{target.relay_pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    rate: float | None = cal["ceiling"].get("msgs_per_s")
+    return rate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,25 @@ from typing import Any
 import attrs
 
 from relay.auth import HS256_MIN_SECRET_BYTES
+from relay.config import Config
 
-WORKLOADS = ("throughput", "latency", "roundtrip", "drain", "burst", "idle", "retention")
+from .system import parse_cpus
+
+WORKLOADS = (
+    "throughput",
+    "latency",
+    "roundtrip",
+    "drain",
+    "burst",
+    "idle",
+    "retention",
+    "flood",
+    "calibrate",
+)
+
+# flood: the spawned relay keeps its default rate limit (acks count as frames too)
+RELAY_RATE_LIMIT = Config().rate_limit_per_s
+FLOOD_PAIR_SHARE = 0.5  # of the limit, at most, per pair
 
 # Defaults per workload; a flag given on the command line wins.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -21,6 +38,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "drain": {"pairs": 50, "messages": 1000},
     "retention": {"pairs": 10, "messages": 200},
     "idle": {"connections": 1000},
+    "flood": {"pairs": 20, "messages": 250, "rate": 500.0},
+    "calibrate": {"pairs": 50, "messages": 1000},
 }
 COMMON = {
     "pairs": 10,
@@ -60,11 +79,14 @@ class BenchOptions:
     ping_interval_s: float = 5.0  # idle, --spawn: the relay's keepalive ping interval
     stall_s: float = 15.0  # a phase with no progress for this long has lost messages
     timeout_s: float = 600.0  # the whole run
+    calibrate: bool = True  # measure the echo server's ceiling first
+    baseline: str | None = None  # --spawn: also run the relay of this git commit
+    flood_cpu: str | None = None  # flood: taskset CPU list of the flooding process
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workload", choices=WORKLOADS, help="what to measure")
-    where = parser.add_mutually_exclusive_group(required=True)
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running relay, ws://HOST:PORT/v1")
     where.add_argument(
         "--spawn", action="store_true", help="start a relay and a Valkey, and stop them at the end"
@@ -78,7 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--pairs", type=int, help="sender/recipient pairs")
     add("--window", type=int, help="sends per sender not yet accepted (default 8)")
     add("--messages", type=int, help="messages per pair")
-    add("--rate", type=float, help="latency: offered msgs/s over all pairs (default 2000)")
+    add(
+        "--rate", type=float, help="latency, flood: offered msgs/s over all pairs (2000; flood 500)"
+    )
     add("--body-bytes", type=int, help="message body size (default 100)")
     add("--connections", type=int, help="idle: connections to hold (default 1000)")
     add("--procs", type=int, help="load generator processes (default 1)")
@@ -106,7 +130,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="idle, --spawn: the relay's keepalive ping interval, s (its default is 20)",
     )
     add("--stall", type=float, default=15.0, help="seconds without progress before giving up")
-    add("--timeout", type=float, default=600.0, help="limit of the whole run, s")
+    add("--timeout", type=float, default=600.0, help="limit of each run (relay, baseline...), s")
+    add(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="skip the echo server's ceiling run before the workload",
+    )
+    add(
+        "--baseline",
+        metavar="REF",
+        help="--spawn: run the same workload against the relay of git commit REF too, and "
+        "report both and their ratios",
+    )
+    add(
+        "--flood-cpu",
+        help="flood: taskset CPU list of the flooding process (default: the generator's)",
+    )
 
 
 def from_args(args: argparse.Namespace) -> BenchOptions:
@@ -137,6 +177,9 @@ def from_args(args: argparse.Namespace) -> BenchOptions:
         ping_interval_s=args.ping_interval,
         stall_s=args.stall,
         timeout_s=args.timeout,
+        calibrate=args.calibrate,
+        baseline=args.baseline,
+        flood_cpu=args.flood_cpu,
         **chosen,
     )
     _validate(options)
@@ -144,17 +187,33 @@ def from_args(args: argparse.Namespace) -> BenchOptions:
 
 
 def _validate(o: BenchOptions) -> None:
-    if not o.spawn and not o.jwt_secret:
+    if o.workload == "calibrate":
+        if o.url or o.baseline:
+            raise ValueError("calibrate starts its own echo server: no --url or --baseline")
+    elif not o.spawn and not o.url:
+        raise ValueError("say where the relay is: --spawn, or --url ws://HOST:PORT/v1")
+    elif o.baseline and not o.spawn:
+        raise ValueError("--baseline starts the other commit's relay: use it with --spawn")
+    if o.flood_cpu and o.workload != "flood":
+        raise ValueError("--flood-cpu pins the flooding process of the flood workload")
+    if o.flood_cpu:
+        try:
+            parse_cpus(o.flood_cpu)
+        except ValueError:
+            raise ValueError(
+                f"--flood-cpu {o.flood_cpu!r} is not a CPU list like 1 or 0,2-3"
+            ) from None
+    if not o.spawn and o.url and not o.jwt_secret:
         raise ValueError("--url needs --jwt-secret (or RELAY_JWT_SECRET)")
-    if not o.spawn and len((o.jwt_secret or "").encode()) < HS256_MIN_SECRET_BYTES:
+    if o.url and len((o.jwt_secret or "").encode()) < HS256_MIN_SECRET_BYTES:
         raise ValueError(f"--jwt-secret must be at least {HS256_MIN_SECRET_BYTES} bytes (HS256)")
     if o.spawn and (o.redis_url or o.relay_pid or o.metrics_url):
         raise ValueError(
             "--redis-url, --relay-pid and --metrics-url go with --url; --spawn knows its own"
         )
-    if o.profile and not (o.spawn or o.relay_pid):
+    if o.profile and o.url and not o.relay_pid:
         raise ValueError("--profile needs the relay's PID: use --spawn or --relay-pid")
-    if o.relay_cpu and not o.spawn:
+    if o.relay_cpu and o.url:
         raise ValueError("--relay-cpu pins a relay the bench starts: use it with --spawn")
     for name in ("pairs", "window", "messages", "connections", "procs"):
         if getattr(o, name) < 1:
@@ -171,6 +230,12 @@ def _validate(o: BenchOptions) -> None:
     if o.procs > units:
         raise ValueError(
             f"--procs {o.procs} is more than the {units} pairs or connections to split"
+        )
+    if o.workload == "flood" and o.spawn and o.rate / o.pairs > FLOOD_PAIR_SHARE * RELAY_RATE_LIMIT:
+        raise ValueError(
+            f"flood: --rate / --pairs is {o.rate / o.pairs:g} msgs/s per pair; the spawned relay "
+            f"keeps its rate limit ({RELAY_RATE_LIMIT:g} frames/s) so that the flood exceeds it: "
+            f"give the pairs at most {FLOOD_PAIR_SHARE * RELAY_RATE_LIMIT:g} each"
         )
     if o.workload in ("drain", "retention") and o.messages > 10_000:
         raise ValueError("drain and retention keep --messages in one mailbox: at most 10000")

@@ -11,49 +11,116 @@ import attrs
 from rich.console import Console
 from rich.table import Table
 
-from .checks import Failures
+from . import compare
+from .measured import Measured
 from .options import BenchOptions
-from .outcome import Outcome
-from .target import Target
+from .outcome import Outcome, us
 
 
 def _redact(url: str | None) -> str | None:
     return re.sub(r"//[^@/]*@", "//***@", url) if url else url
 
 
-def build(
-    options: BenchOptions,
-    target: Target,
-    outcome: Outcome,
-    failures: Failures,
-    context: dict[str, Any],
-) -> dict[str, Any]:
-    """The JSON result of a run (no secrets in it)."""
-    opts = {k: v for k, v in attrs.asdict(options).items() if k != "jwt_secret"}
-    opts["redis_url"] = _redact(options.redis_url)
+def _server(options: BenchOptions, m: Measured) -> dict[str, Any]:
+    target = m.target
     welcome = {k: v for k, v in target.welcome.items() if k not in ("type", "mailbox", "session")}
     return {
-        "workload": options.workload,
-        "ok": not failures,
+        "kind": target.kind,
+        "url": target.url,
+        "spawned": target.spawned,
+        "pid": target.relay_pid,
+        "redis_url": _redact(target.redis_url),
+        "welcome": welcome,
+        "relay_cpu": options.relay_cpu,
+        "client_cpu": options.client_cpu,
+    }
+
+
+def _loop(o: BenchOptions) -> dict[str, Any]:
+    return {
+        "workload": o.workload,
+        "pairs": o.pairs,
+        "window": o.window,
+        "messages": o.messages,
+        "rate": o.rate,
+        "body_bytes": o.body_bytes,
+    }
+
+
+def build(
+    options: BenchOptions,
+    main: Measured,
+    calibration: Measured | None,
+    baseline: Measured | None,
+    context: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON result of a run (no secrets in it): the workload on this relay, and the
+    calibration and the baseline when they ran, with the comparisons."""
+    opts = {k: v for k, v in attrs.asdict(options).items() if k != "jwt_secret"}
+    opts["redis_url"] = _redact(options.redis_url)
+    workload = options.workload
+    ceiling_run = main if workload == "calibrate" else calibration
+    ceiling = (
+        compare.headline(ceiling_run.options.workload, ceiling_run.outcome.metrics)
+        if ceiling_run
+        else None
+    )
+    failures = [
+        f"{m.label}: {line}" for m in (calibration, baseline) if m for line in m.failures.lines()
+    ]
+    result: dict[str, Any] = {
+        "workload": workload,
+        "ok": all(m.ok for m in (main, calibration, baseline) if m),
         **context,
         "options": opts,
-        "relay": {
-            "url": target.url,
-            "spawned": target.spawned,
-            "pid": target.relay_pid,
-            "redis_url": _redact(target.redis_url),
-            "welcome": welcome,
-            "relay_cpu": options.relay_cpu,
-            "client_cpu": options.client_cpu,
-        },
-        "sent": outcome.sent,
-        "delivered": outcome.delivered,
-        "failures": failures.lines(),
-        "failure_counts": dict(failures.counts),
-        "results": outcome.metrics,
-        "targets": outcome.targets,
-        "notes": outcome.notes,
+        "relay": _server(options, main),
+        "sent": main.outcome.sent,
+        "delivered": main.outcome.delivered,
+        "failures": main.failures.lines() + failures,
+        "failure_counts": dict(main.failures.counts),
+        "results": main.outcome.metrics,
+        "headline": compare.headline(workload, main.outcome.metrics),
+        "targets": main.outcome.targets,
+        "notes": main.outcome.notes,
+        "calibration": None,
+        "vs_ceiling": [],
+        "baseline": None,
+        "vs_baseline": [],
     }
+    if ceiling is not None and ceiling_run is not None:
+        result["calibration"] = {
+            "server": "echo server: bare trio + wsproto, the relay protocol, no storage",
+            "loop": _loop(ceiling_run.options),
+            "ceiling": ceiling,
+            "ok": ceiling_run.ok,
+            "failure_counts": dict(ceiling_run.failures.counts),
+            "rows": ceiling_run.outcome.rows,
+            "results": ceiling_run.outcome.metrics,
+            "pid": ceiling_run.target.relay_pid,
+        }
+        if workload != "calibrate":
+            result["vs_ceiling"] = compare.versus_ceiling(workload, main.outcome.metrics, ceiling)
+    if baseline is not None:
+        result["baseline"] = {
+            "ref": options.baseline,
+            "commit": baseline.commit,
+            "dropped_args": baseline.dropped_args,
+            "ok": baseline.ok,
+            "failure_counts": dict(baseline.failures.counts),
+            "relay": _server(options, baseline),
+            "sent": baseline.outcome.sent,
+            "delivered": baseline.outcome.delivered,
+            "headline": compare.headline(workload, baseline.outcome.metrics),
+            "vs_ceiling": compare.versus_ceiling(workload, baseline.outcome.metrics, ceiling)
+            if ceiling
+            else [],
+            "rows": baseline.outcome.rows,
+            "results": baseline.outcome.metrics,
+        }
+        result["vs_baseline"] = compare.versus_baseline(
+            workload, main.outcome.metrics, baseline.outcome.metrics
+        )
+    return result
 
 
 def write(result: dict[str, Any], outcome: Outcome, out_dir: str, stem: str) -> tuple[str, str]:
@@ -78,9 +145,107 @@ def _target_text(t: dict[str, Any]) -> tuple[str, str, str]:
     return f"{t['name']} {t['op']} {t['limit']:,} {t['unit']}", value, verdict
 
 
+def value_text(value: float | None, unit: str) -> str:
+    """A headline number in its unit, for tables."""
+    if value is None:
+        return "-"
+    if unit == "µs":
+        return us(value)
+    if unit == "bytes":
+        return f"{value / 1024:.1f} KiB"
+    if unit == "cores":
+        return f"{value:.0%} of a core"
+    if unit == "x":
+        return f"x{value:g}"
+    return f"{value:,.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+
+
+def ceiling_text(result: dict[str, Any]) -> str:
+    """One line: what the calibration measured, or that it did not run."""
+    cal = result.get("calibration")
+    if not cal:
+        return "not measured (--no-calibrate)"
+    c, loop = cal["ceiling"], cal["loop"]
+    shape = f"{loop['workload']} loop, {loop['pairs']} pairs x {loop['messages']:,}"
+    if loop["workload"] == "latency":
+        shape += f" at {loop['rate']:,.0f} msgs/s"
+    numbers = ", ".join(
+        f"{name}{text}"
+        for key, name, unit in (
+            ("msgs_per_s", "", "msgs/s"),
+            ("relay_cpu_us_per_msg", "", "µs/msg"),
+            ("p50_us", "p50 ", "µs"),
+            ("p99_us", "p99 ", "µs"),
+        )
+        if (text := value_text(c.get(key), unit)) != "-"
+    )
+    failed = "" if cal["ok"] else " (SELF-CHECK FAILED)"
+    return f"echo server (trio + wsproto, no storage), {shape}: {numbers}{failed}"
+
+
+TextTable = tuple[str, list[str], list[list[str]]]  # title, header, rows
+
+
+def comparison_tables(result: dict[str, Any]) -> list[TextTable]:
+    """The fractions of the ceiling and the ratios to the baseline, as tables."""
+    tables: list[TextTable] = []
+    header = ["metric", "this relay", "ceiling", "this / ceiling"]
+    for who, rows in (("", result["vs_ceiling"]), ("baseline ", _baseline_vs_ceiling(result))):
+        if rows:
+            tables.append(
+                (
+                    f"{who}against the ceiling (echo server)".capitalize(),
+                    header if not who else ["metric", "baseline", "ceiling", "baseline / ceiling"],
+                    [
+                        [
+                            r["key"],
+                            value_text(r["value"], r["unit"]),
+                            value_text(r["ceiling"], r["unit"]),
+                            "-" if r["ratio"] is None else f"{r['ratio']:g}",
+                        ]
+                        for r in rows
+                    ],
+                )
+            )
+    base = result.get("baseline")
+    if base:
+        title = f"Against the baseline {base['ref']} ({(base['commit'] or '')[:10]})"
+        tables.append(
+            (
+                title,
+                ["metric", "this relay", "baseline", "this / baseline"],
+                [
+                    [
+                        r["key"],
+                        value_text(r["this"], r["unit"]),
+                        value_text(r["baseline"], r["unit"]),
+                        "-" if r["ratio"] is None else f"{r['ratio']:g}",
+                    ]
+                    for r in result["vs_baseline"]
+                ],
+            )
+        )
+    return tables
+
+
+def _baseline_vs_ceiling(result: dict[str, Any]) -> list[dict[str, Any]]:
+    base = result.get("baseline")
+    return list(base["vs_ceiling"]) if base else []
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(row) + " |" for row in rows],
+    ]
+
+
 def markdown(result: dict[str, Any], outcome: Outcome) -> str:
     m = result["machine"]
     git = result["git"]
+    relay = result["relay"]
+    what = "echo server" if relay["kind"] == "echo" else "relay"
     lines = [
         f"# relay bench {result['workload']}: {'OK' if result['ok'] else 'FAILED'}",
         "",
@@ -91,21 +256,31 @@ def markdown(result: dict[str, Any], outcome: Outcome) -> str:
         f"| git commit | `{git['commit']}`{' (dirty tree)' if git['dirty'] else ''} |",
         f"| machine | {m['cpu_model']}, {m['nproc']} CPUs, {m['memory_mib']} MiB, {m['platform']} |",
         f"| load average at start | {m['load_average']} |",
-        f"| relay | {result['relay']['url']} ({'spawned' if result['relay']['spawned'] else 'given'}),"
-        f" relay CPU {result['relay']['relay_cpu'] or 'not pinned'},"
-        f" generator CPU {result['relay']['client_cpu'] or 'not pinned'},"
+        f"| {what} | {relay['url']} ({'spawned' if relay['spawned'] else 'given'}),"
+        f" {what} CPU {relay['relay_cpu'] or 'not pinned'},"
+        f" generator CPU {relay['client_cpu'] or 'not pinned'},"
         f" {result['options']['procs']} generator process(es) |",
-        "",
-        "## Results",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *[f"| {name} | {value} |" for name, value in outcome.rows],
-        "",
+        f"| calibration ceiling | {ceiling_text(result)} |",
     ]
+    base = result.get("baseline")
+    if base:
+        dropped = ", ".join(base["dropped_args"]) or "none"
+        lines.append(
+            f"| baseline | `{base['ref']}` = `{base['commit']}`, spawned the same way"
+            f" (flags it does not know, left out: {dropped}) |"
+        )
+    lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in outcome.rows]
+    lines.append("")
     if outcome.targets:
         lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
         lines += ["| {} | {} | {} |".format(*_target_text(t)) for t in outcome.targets]
+        lines.append("")
+    for title, header, rows in comparison_tables(result):
+        lines += [f"## {title}", "", *_md_table(header, rows), ""]
+    if base:
+        lines += [f"## Baseline results ({base['ref']})", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {value} |" for name, value in base["rows"]]
         lines.append("")
     lines += ["## Self-checks", ""]
     if result["failures"]:
@@ -158,14 +333,30 @@ def show(console: Console, result: dict[str, Any], outcome: Outcome) -> None:
     for name, value in outcome.rows:
         table.add_row(name, value)
     console.print(table)
+    base = result.get("baseline")
+    if base:
+        table = Table(title=f"relay bench {result['workload']}: baseline {base['ref']}")
+        table.add_column("metric", style="bold")
+        table.add_column("value")
+        for name, value in base["rows"]:
+            table.add_row(name, value)
+        console.print(table)
     if outcome.targets:
-        targets = Table(title="targets (issue 5)")
+        targets = Table(title="targets")
         for column in ("target", "measured", "verdict"):
             targets.add_column(column)
         for t in outcome.targets:
             target, value, verdict = _target_text(t)
             targets.add_row(target, value, verdict, style=None if t["met"] else "yellow")
         console.print(targets)
+    console.print(f"calibration ceiling: {ceiling_text(result)}")
+    for title, header, rows in comparison_tables(result):
+        table = Table(title=title)
+        for column in header:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     profile = result.get("profile")
     if profile and "error" not in profile:
         top = Table(title=f"relay profile: {profile['samples']:,} samples (top relay functions)")

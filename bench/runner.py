@@ -148,11 +148,14 @@ class Run:
         extra: dict[str, Any] | None = None,
         slot: int = DELIVERED,
         profile_between: tuple[str, str] | None = None,
+        helpers: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> list[dict[str, Any]] | None:
         """Run the workers; their results, or None (with a `worker` failure) when one failed.
 
-        With a profiler, the relay is sampled between two gates (default: the first
-        and the last)."""
+        `helpers` are more processes (entry, extra) with no units, through the same
+        gates, whose results come last (the flood workload's flooder). With a
+        profiler, the relay is sampled between two gates (default: the first and
+        the last)."""
         first, last = profile_between or (gates[0], gates[-1])
         o = self.options
         specs = [
@@ -171,6 +174,12 @@ class Run:
             )
             for i, share in enumerate(split(units, o.procs))
         ]
+        for entry_of, extra_of in helpers:
+            specs.append(
+                attrs.evolve(
+                    specs[0], index=len(specs), units=(0, 0), entry=entry_of, extra=extra_of
+                )
+            )
         names = {SENT: "accepted", DELIVERED: "delivered", CONNECTED: "connected"}
         columns = (
             TextColumn("{task.description}"),

@@ -1,10 +1,12 @@
-"""The relay under test: one given by --url, or one the bench starts (--spawn) and stops.
+"""The server under test: a relay given by --url, or one the bench starts (--spawn) and stops.
 
 With --spawn the bench starts a private Valkey (relay.embedded, on a unix
 socket, so it can count Redis commands and check keys) and then the relay as
-a real process, `python -m relay serve`, pinned with `taskset -c` when asked.
-Both are stopped by PID at the end: SIGTERM, a wait, then SIGKILL. Both also
-get SIGTERM if the bench itself dies (PR_SET_PDEATHSIG).
+a real process, `python -m relay serve`, pinned with `taskset -c` when asked;
+with a RelayTree (--baseline), that commit's relay. The calibration's echo
+server (echo_server.py) is started the same way. All are stopped by PID at
+the end: SIGTERM, a wait, then SIGKILL; all get SIGTERM if the bench itself
+dies (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from trio_websocket import ConnectionClosed, HandshakeError
 from relay.embedded import EmbeddedServer, free_loopback_port
 
 from . import wire
+from .baseline import RelayTree
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -48,6 +51,7 @@ class Target:
     spawned: bool
     metrics_url: str | None = None  # the relay's Prometheus /metrics
     welcome: dict[str, Any] = attrs.field(factory=dict)
+    kind: str = "relay"  # or "echo": the calibration server, which stores nothing
 
 
 def _die_with_parent() -> None:
@@ -55,60 +59,31 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-class SpawnedRelay:
-    """A relay process on a private Valkey; a context manager that always cleans up."""
+class Spawned:
+    """A server process on 127.0.0.1 (pinned with `taskset -c` when asked), stopped by PID.
 
-    def __init__(self, relay_cpu: str | None, extra_args: list[str]) -> None:
-        self.relay_cpu = relay_cpu
-        self.extra_args = extra_args
-        self.secret = secrets.token_urlsafe(32)
-        self.valkey = EmbeddedServer()
+    Its output goes to a log file in a private temporary directory, removed on stop.
+    """
+
+    def __init__(self, name: str, cpu: str | None) -> None:
+        self.name = name
+        self.cpu = cpu
         self.port = 0
-        self.ops_port = 0
         self._dir = tempfile.mkdtemp(prefix="relay-bench-")
-        self._log_path = os.path.join(self._dir, "relay.log")
+        self._log_path = os.path.join(self._dir, f"{name}.log")
         self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ops_port}/metrics"
 
     @property
     def pid(self) -> int:
         assert self._process is not None
         return self._process.pid
 
-    def __enter__(self) -> SpawnedRelay:
-        try:
-            self.valkey.start()
-            self._start_relay()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _start_relay(self) -> None:
-        self.port, self.ops_port = free_loopback_port(), free_loopback_port()
-        command = [sys.executable, "-m", "relay", "serve", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), "--ops-port", str(self.ops_port)]
-        command += ["--log-level", "warning"]
-        command += ["--redis-url", self.valkey.url, *self.extra_args]
-        if self.relay_cpu:
+    def start(self, command: list[str], env: dict[str, str], cwd: str | None = None) -> None:
+        """Start `command` and wait until it listens on `self.port`."""
+        if self.cpu:
             if shutil.which("taskset") is None:
                 raise TargetError("--relay-cpu needs taskset (util-linux)")
-            command = ["taskset", "-c", self.relay_cpu, *command]
-        env = {
-            **os.environ,
-            "RELAY_JWT_SECRET": self.secret,
-        }  # not on the command line: ps shows it
+            command = ["taskset", "-c", self.cpu, *command]
         with open(self._log_path, "wb") as log:
             self._process = subprocess.Popen(
                 command,
@@ -116,6 +91,7 @@ class SpawnedRelay:
                 stdout=log,
                 stderr=log,
                 env=env,
+                cwd=cwd,
                 preexec_fn=_die_with_parent,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches the bench only
             )
@@ -127,7 +103,8 @@ class SpawnedRelay:
         while True:
             if self._process.poll() is not None:
                 raise TargetError(
-                    f"relay exited with {self._process.returncode} on start:\n{self.log_tail()}"
+                    f"{self.name} exited with {self._process.returncode} on start:\n"
+                    f"{self.log_tail()}"
                 )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
@@ -135,7 +112,7 @@ class SpawnedRelay:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise TargetError(f"relay did not listen within {START_TIMEOUT_S} s")
+                raise TargetError(f"{self.name} did not listen within {START_TIMEOUT_S} s")
             time.sleep(0.05)
 
     def log_tail(self, lines: int = 20) -> str:
@@ -146,7 +123,7 @@ class SpawnedRelay:
             return ""
 
     def stop(self) -> None:
-        """Stop the relay by its PID, then the Valkey, then remove the private directory."""
+        """Stop the process by its PID (SIGTERM, a wait, SIGKILL); remove the directory."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -155,8 +132,85 @@ class SpawnedRelay:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(STOP_TIMEOUT_S)
-        self.valkey.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Spawned:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class SpawnedRelay(Spawned):
+    """A relay process on a private Valkey; a context manager that always cleans up.
+
+    With a `tree` (another commit's sources, see baseline.py) the relay is that
+    commit's code, run by the same Python with the tree first on its path."""
+
+    def __init__(
+        self, relay_cpu: str | None, extra_args: list[str], tree: RelayTree | None = None
+    ) -> None:
+        super().__init__("relay", relay_cpu)
+        self.extra_args = extra_args
+        self.tree = tree
+        self.secret = secrets.token_urlsafe(32)
+        self.valkey = EmbeddedServer()
+        self.ops_port = 0
+        self.dropped_args: list[str] = []  # flags the tree's relay does not know
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ops_port}/metrics"
+
+    def __enter__(self) -> SpawnedRelay:
+        try:
+            self.valkey.start()
+            self._start_relay()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_relay(self) -> None:
+        self.port, self.ops_port = free_loopback_port(), free_loopback_port()
+        args = ["--host", "127.0.0.1", "--port", str(self.port), "--ops-port", str(self.ops_port)]
+        args += ["--log-level", "warning", "--redis-url", self.valkey.url, *self.extra_args]
+        env = {**os.environ, "RELAY_JWT_SECRET": self.secret}  # not on the command line: ps
+        cwd = None
+        if self.tree is not None:
+            args, self.dropped_args = self.tree.known_args(args)
+            env["PYTHONPATH"] = self.tree.path
+            cwd = self.tree.path  # `python -m` puts the working directory first on the path
+        self.start([sys.executable, "-m", "relay", "serve", *args], env, cwd)
+
+    def stop(self) -> None:
+        """Stop the relay by its PID, then the Valkey, then remove the private directory."""
+        super().stop()
+        self.valkey.stop()
+
+
+class SpawnedEcho(Spawned):
+    """The calibration server (echo_server.py), pinned like the relay would be."""
+
+    def __init__(self, cpu: str | None) -> None:
+        super().__init__("echo server", cpu)
+        self.secret = secrets.token_urlsafe(32)
+
+    def __enter__(self) -> SpawnedEcho:
+        try:
+            self.port = free_loopback_port()
+            command = [sys.executable, "-m", f"{__package__}.echo_server"]
+            env = {**os.environ, "RELAY_JWT_SECRET": self.secret}
+            self.start([*command, "--port", str(self.port)], env)
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
 
 async def _probe(url: str, secret: str, box: str) -> dict[str, Any]:

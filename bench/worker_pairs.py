@@ -1,4 +1,4 @@
-"""A generator process of the pair workloads: throughput, burst, latency and roundtrip.
+"""A generator process of the pair workloads: throughput, burst, latency, roundtrip, flood.
 
 The process connects its share of the pairs (sender `s<i>`, recipient
 `r<i>`, both online), then runs the workload's rounds. Before each measured
@@ -34,6 +34,7 @@ PLANS: dict[str, list[tuple[str, bool, str]]] = {
     "burst": [("burst", False, "closed"), ("reference", True, "closed")],
     "latency": [("measure", True, "open")],
     "roundtrip": [("measure", True, "roundtrip")],
+    "flood": [("quiet", True, "open"), ("flood", False, "open")],  # worker_flood floods
 }
 
 

@@ -1,7 +1,8 @@
 """The workloads of online pairs, parent side: throughput, burst, latency, roundtrip.
 
-Targets are those of issue 5 (one relay process on one core, Redis and the
-generator on the other).
+Absolute targets: issue 10's where it states one (latency at 2,000 msgs/s),
+issue 5's otherwise (one relay process on one core, Redis and the generator on
+the other). The targets relative to a baseline relay are in compare.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .outcome import (
 from .runner import Run
 
 THROUGHPUT_TARGET = 7_200.0  # msgs/s: 1.25x python-socketio on this machine class
-LATENCY_P99_TARGET_US = 3_000.0  # at 2,000 msgs/s offered
+LATENCY_RATE = 2000.0  # msgs/s offered, where the absolute latency target applies
+LATENCY_P99_TARGET_US = 10_000.0  # issue 10: the relay keeps up at 2,000 msgs/s, p99 < 10 ms
 ROUNDTRIP_P50_TARGET_US = 500.0
 BURST_RATIO_TARGET = 0.9
 PCTS = ("p50", "p90", "p99", "p99.9", "max")
@@ -82,9 +84,68 @@ def burst(run: Run) -> Outcome:
         )
         outcome.metrics = {"burst": public(cold), "reference": public(warm), "ratio": ratio}
         outcome.row("burst / reference", f"{ratio:.0%}" if ratio else "-")
-        outcome.target("burst / throughput", ratio, ">=", BURST_RATIO_TARGET, "ratio")
+        if warm["msgs_per_s"]:
+            outcome.target(
+                f"burst msgs/s, {BURST_RATIO_TARGET:.0%} of reference",
+                cold["msgs_per_s"],
+                ">=",
+                round(BURST_RATIO_TARGET * warm["msgs_per_s"], 1),
+                "msgs/s",
+            )
         keys_left_rows(run, outcome)
     return outcome
+
+
+def open_loop_round(
+    run: Run,
+    results: list[dict[str, Any]],
+    label: str,
+    outcome: Outcome,
+    helper_cpu_s: float = 0.0,
+) -> dict[str, Any]:
+    """Metrics, rows and curves of one open-loop round (latency, and both rounds of flood);
+    rows and curves are prefixed with the label unless it is `measure`."""
+    o = run.options
+    prefix = "" if label == "measure" else f"{label}: "
+    s = summarize_round(run, results, label, helper_cpu_s)
+    rounds = s["_rounds"]
+    from_send, _ = merge(r["latency_from_send"] for r in rounds if r["latency_from_send"])
+    lag = new_histogram()
+    for r in rounds:
+        if r["send_lag"]:
+            lag.decode_and_add(r["send_lag"].encode())
+    sends = [r["first_send_s"] for r in rounds if r["first_send_s"]]
+    achieved = (
+        s["accepted"] / (max(r["last_accept_s"] or 0 for r in rounds) - min(sends))
+        if sends
+        else None
+    )
+    metrics = public(s)
+    metrics.update(
+        offered_msgs_per_s=o.rate,
+        achieved_send_rate=round(achieved, 1) if achieved else None,
+        latency_from_send_us=percentiles(from_send),
+        send_lag_us=percentiles(lag),
+    )
+    outcome.histograms[f"{prefix}from scheduled send"] = s["_hist"]
+    if not prefix:
+        outcome.histograms["from actual send"] = from_send
+    outcome.series[label] = s["_buckets"]
+    outcome.sent += s["accepted"]
+    outcome.delivered += s["delivered"]
+    outcome.row(f"{prefix}offered / achieved", f"{o.rate:,.0f} / {achieved or 0:,.0f} msgs/s")
+    latency_rows(outcome, f"{prefix}latency (from schedule)", s["latency_us"], PCTS)
+    latency_rows(
+        outcome,
+        f"{prefix}latency (from send)",
+        metrics["latency_from_send_us"],
+        ("p50", "p99", "p99.9"),
+    )
+    latency_rows(
+        outcome, f"{prefix}generator send lag", metrics["send_lag_us"], ("p50", "p99", "max")
+    )
+    cost_rows(outcome, s, label if prefix else "")
+    return metrics
 
 
 def latency(run: Run) -> Outcome:
@@ -92,41 +153,15 @@ def latency(run: Run) -> Outcome:
     outcome = Outcome()
     results = _pairs(run, ("measure",))
     if results:
-        s = summarize_round(run, results, "measure")
-        rounds = s["_rounds"]
-        from_send, _ = merge(r["latency_from_send"] for r in rounds if r["latency_from_send"])
-        lag = new_histogram()
-        for r in rounds:
-            if r["send_lag"]:
-                lag.decode_and_add(r["send_lag"].encode())
-        sends = [r["first_send_s"] for r in rounds if r["first_send_s"]]
-        achieved = (
-            s["accepted"] / (max(r["last_accept_s"] or 0 for r in rounds) - min(sends))
-            if sends
-            else None
-        )
-        metrics = public(s)
-        metrics.update(
-            offered_msgs_per_s=o.rate,
-            achieved_send_rate=round(achieved, 1) if achieved else None,
-            latency_from_send_us=percentiles(from_send),
-            send_lag_us=percentiles(lag),
-        )
+        metrics = open_loop_round(run, results, "measure", outcome)
         outcome.metrics = metrics
-        outcome.histograms["from scheduled send"] = s["_hist"]
-        outcome.histograms["from actual send"] = from_send
-        outcome.series["measure"] = s["_buckets"]
-        outcome.sent, outcome.delivered = s["accepted"], s["delivered"]
-        outcome.row("offered / achieved", f"{o.rate:,.0f} / {achieved or 0:,.0f} msgs/s")
-        latency_rows(outcome, "latency (from schedule)", s["latency_us"], PCTS)
-        latency_rows(
-            outcome, "latency (from send)", metrics["latency_from_send_us"], ("p50", "p99", "p99.9")
-        )
-        latency_rows(outcome, "generator send lag", metrics["send_lag_us"], ("p50", "p99", "max"))
-        cost_rows(outcome, s)
-        if o.rate != 2000:
-            outcome.notes.append("the latency target is defined at 2,000 msgs/s offered")
-        outcome.target("latency p99", s["latency_us"].get("p99"), "<=", LATENCY_P99_TARGET_US, "µs")
+        p99 = metrics["latency_us"].get("p99")
+        if o.rate == LATENCY_RATE:
+            outcome.target("latency p99", p99, "<=", LATENCY_P99_TARGET_US, "µs")
+        else:
+            outcome.notes.append(
+                f"the absolute latency target is defined at {LATENCY_RATE:,.0f} msgs/s offered"
+            )
         keys_left_rows(run, outcome)
     return outcome
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from .outcome import Outcome
 from .runner import Run
+from .workload_flood import flood
 from .workload_idle import idle
 from .workload_mailboxes import drain, retention
 from .workload_pairs import burst, latency, roundtrip, throughput
@@ -18,4 +19,5 @@ WORKLOADS: dict[str, Callable[[Run], Outcome]] = {
     "burst": burst,
     "idle": idle,
     "retention": retention,
+    "flood": flood,
 }

@@ -29,7 +29,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from relay.auth import mint_token
-from relay.client import RelayClient, open_relay
+from relay.client import RelaySession, open_relay
 
 TIMEOUT_S = 30.0
 
@@ -74,7 +74,7 @@ async def landed_on(urls: dict[str, str], before: dict[str, int]) -> str:
 
 
 @asynccontextmanager
-async def connect_retrying(url: str, box: str, deadline_s: float) -> AsyncIterator[RelayClient]:
+async def connect_retrying(url: str, box: str, deadline_s: float) -> AsyncIterator[RelaySession]:
     """open_relay, retried while the load balancer has no replica ready for it."""
     stop = trio.current_time() + deadline_s
     while True:
@@ -91,7 +91,7 @@ async def connect_retrying(url: str, box: str, deadline_s: float) -> AsyncIterat
         yield client
 
 
-async def exchange_one(sender: RelayClient, to: str, recipient: RelayClient) -> None:
+async def exchange_one(sender: RelaySession, to: str, recipient: RelaySession) -> None:
     body = f"hello {secrets.token_hex(8)}"
     accepted = await sender.send(to, body, ttl_s=300)
     message = await recipient.receive()

@@ -103,6 +103,13 @@ def _announce_development_secret(config: relay_config.Config) -> None:
         file=sys.stderr,
         flush=True,
     )
+    if config.demo:
+        print(
+            f"Demo chat: open http://{config.host}:{config.port}/demo in two tabs and paste\n"
+            "a token in each (relay token alice, relay token bob, with the export above).\n",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def add_audit_command(subparsers: Subparsers) -> None:
@@ -157,7 +164,8 @@ def add_bench_command(subparsers: Subparsers) -> None:
         "bench",
         help="load-benchmark a relay, with self-checks (needs the `bench` extra)",
         description="Run one benchmark workload against a relay (--url) or one it starts "
-        "(--spawn); exit 1 when a self-check fails. See bench/README.md.",
+        "(--spawn), after measuring this machine's ceiling with an echo server (`calibrate` "
+        "alone does only that); exit 1 when a self-check fails. See bench/README.md.",
     )
     add_arguments(parser)
     parser.set_defaults(run=run_bench)

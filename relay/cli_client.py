@@ -5,27 +5,36 @@ for the mailbox named by `--as`, unless a ready token is given (`--token` /
 RELAY_TOKEN). The relay's URL comes from `--url` / RELAY_URL.
 
 Every failure is one line on stderr and exit status 1 (2 for a usage error).
-`relay listen` reconnects with full-jitter backoff when the relay goes away
-(1001, 1006, 1011, 1013, or the connect fails) and stops on 4401 or 4409.
+Both commands use relay.client's RelayClient: `relay listen` reconnects with
+full-jitter backoff when the relay goes away (1001, 1006, 1011, 1013, or the
+connect fails) and stops on 4401 or 4409; `relay send` gives up after
+SEND_ATTEMPTS connects in a row that got no session, and sends its message
+again with the same ref when a connection ends before the answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from relay import config as relay_config
 from relay.auth import mint_token
-from relay.client import RelayClient, RelayClientError, new_ref, open_relay
+from relay.client import (
+    EpochChanged,
+    Event,
+    Expired,
+    Reconnecting,
+    RelayClientError,
+    RelayStopped,
+    Token,
+    open_client,
+)
 from relay.config import Subparsers
 from relay.errors import first_leaf
 from relay.policy import parse_duration
@@ -34,15 +43,7 @@ _duration = relay_config.argparse_type(parse_duration)
 
 TOKEN_OPTIONS = ("jwt-secret", "jwt-audience", "jwt-issuer")
 DEFAULT_URL = "ws://127.0.0.1:8080/v1"
-
-RECONNECT_CODES = frozenset({1001, 1006, 1011, 1013})
-RETRY_STATUSES = frozenset({429, 503})  # the relay is busy, not misaddressed
-STOP_REASONS = {4401: "the relay refused the token", 4409: "replaced by a newer session"}
-BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 20.0
-
-
-class Stop(Exception):
-    """`relay listen` gives up; the message says why."""
+SEND_ATTEMPTS = 3
 
 
 def _add_identity(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +85,23 @@ def _token_for(args: argparse.Namespace, ttl_s: int = 3600) -> str | None:
         return None
 
 
+def _token_source(args: argparse.Namespace) -> Token | None:
+    """The ready token, or a function minting a fresh one for each connect (a long
+    `relay listen` outlives any one token); None (said on stderr) when neither works."""
+    if _token_for(args) is None:
+        return None
+    if args.token:
+        return str(args.token)
+
+    def fresh() -> str:
+        token = _token_for(args)
+        if token is None:
+            raise ValueError("cannot mint a token")
+        return token
+
+    return fresh
+
+
 def add_token_command(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("token", help="print an HS256 token for a mailbox")
     relay_config.add_arguments(parser, TOKEN_OPTIONS)
@@ -120,16 +138,22 @@ def add_send_command(subparsers: Subparsers) -> None:
 
 
 def run_send(args: argparse.Namespace) -> int:
-    token = _token_for(args)
+    token = _token_source(args)
     if token is None:
         return 2
 
     async def send() -> None:
-        async with open_relay(args.url, token) as relay:
+        async with open_client(args.url, token, max_attempts=SEND_ATTEMPTS) as relay:
             to = args.to[0] if len(args.to) == 1 else args.to
-            ref = args.ref if args.ref is not None else new_ref()
-            accepted = await relay.send(to, args.text, ttl_s=args.ttl, ref=ref)
-            print(orjson.dumps(accepted).decode())
+            accepted = await relay.send(to, args.text, ttl_s=args.ttl, ref=args.ref)
+        line = {
+            "type": "accepted",
+            "ref": accepted.ref,
+            "ids": accepted.ids,
+            "expires_at": accepted.expires_at_ms,
+            "duplicate": accepted.duplicate,
+        }
+        print(orjson.dumps(line).decode())
 
     return _run(args, send)
 
@@ -144,100 +168,41 @@ def add_listen_command(subparsers: Subparsers) -> None:
 
 
 def run_listen(args: argparse.Namespace) -> int:
-    if _token_for(args) is None:
+    token = _token_source(args)
+    if token is None:
         return 2
 
     async def listen() -> None:
-        epoch: str | None = None
-        received, attempt = 0, 0
-        while args.count is None or received < args.count:
-            token = _token_for(args)  # a fresh one each time: a long listen outlives a token
-            assert token is not None
-            code: int | None = None
-            try:
-                async with open_relay(args.url, token) as relay:
-                    attempt = 0
-                    epoch = report_welcome(relay.welcome, epoch)
-                    received = await _print_messages(relay, received, args.count)
-                    code = relay.close_code
-            except* ConnectionRejected as group:
-                status = first_leaf(group).status_code  # type: ignore[attr-defined]
-                if status not in RETRY_STATUSES:
-                    raise Stop(f"cannot connect to {args.url}: HTTP {status}") from None
-                problem = f"HTTP {status}"
-            except* (HandshakeError, OSError) as group:
-                problem = _reason(first_leaf(group))
-            else:
-                if args.count is not None and received >= args.count:
-                    return
-                if code in STOP_REASONS:
-                    raise Stop(f"{STOP_REASONS[code]} ({code})")
-                if code not in RECONNECT_CODES:
-                    raise Stop(f"the relay closed the connection ({code})")
-                problem = f"the relay closed the connection ({code})"
-            delay = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2**attempt))
-            attempt += 1
-            _say(args, f"{problem}; reconnecting in {delay:.1f} s")
-            await trio.sleep(delay)
+        received = 0
+        async with open_client(args.url, token, on_event=lambda e: report(args, e)) as relay:
+            async for message in relay.messages():
+                line = {
+                    "id": message.id,
+                    "from": message.sender,
+                    "body": message.body,
+                    "sent_at": message.sent_at_ms,
+                    "expires_at": message.expires_at_ms,
+                }
+                print(orjson.dumps(line).decode(), flush=True)
+                received += 1
+                if received == args.count:
+                    return  # the last one is acked as the client closes
 
     return _run(args, listen)
 
 
-async def _print_messages(relay: RelayClient, received: int, count: int | None) -> int:
-    """Print and ack messages until the session ends or `count` were received in all."""
-    async for message in relay.messages():
-        line = {
-            "id": message.id,
-            "from": message.sender,
-            "body": message.body,
-            "sent_at": message.sent_at_ms,
-            "expires_at": message.expires_at_ms,
-        }
-        print(orjson.dumps(line).decode(), flush=True)
-        await relay.ack([message.id])
-        received += 1
-        if count is not None and received >= count:
-            break
-    return received
-
-
-def report_welcome(welcome: dict[str, Any], seen_epoch: str | None) -> str | None:
-    """Say what the welcome tells a user (storage reset, expired messages); the epoch now."""
-    epoch = welcome.get("epoch")
-    if seen_epoch is not None and epoch is not None and epoch != seen_epoch:
-        print(
-            "relay listen: the relay's storage was reset (new epoch): "
-            "messages queued before may have been lost",
-            file=sys.stderr,
-            flush=True,
-        )
-    expired = welcome.get("expired", 0)
-    if expired:
-        print(
-            f"relay listen: {expired} message(s) expired before they were delivered",
-            file=sys.stderr,
-            flush=True,
-        )
-    return epoch if isinstance(epoch, str) else seen_epoch
+def report(args: argparse.Namespace, event: Event) -> None:
+    """Say on stderr what a user of `relay listen` should know."""
+    if isinstance(event, EpochChanged):
+        _say(args, "the relay's storage was reset (new epoch): messages queued before may be lost")
+    elif isinstance(event, Expired):
+        _say(args, f"{event.count} message(s) expired before they were delivered")
+    elif isinstance(event, Reconnecting):
+        _say(args, str(event))
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
     print(f"relay {args.command}: {text}", file=sys.stderr, flush=True)
-
-
-def _reason(exc: BaseException) -> str:
-    """Why a connect failed, in words (trio-websocket's HandshakeError has none of its own)."""
-    if isinstance(exc, ConnectionRejected):
-        return f"HTTP {exc.status_code}"
-    if isinstance(exc, HandshakeError) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc)
-    inner = exc.__cause__
-    if isinstance(inner, BaseExceptionGroup):
-        inner = first_leaf(inner)
-    if isinstance(inner, OSError) and inner.strerror:
-        text += f" ({inner.strerror})"
-    return text or type(exc).__name__
 
 
 def _run(args: argparse.Namespace, main: Callable[[], Awaitable[None]]) -> int:
@@ -246,16 +211,7 @@ def _run(args: argparse.Namespace, main: Callable[[], Awaitable[None]]) -> int:
         trio.run(main)
     except* KeyboardInterrupt:
         pass  # Ctrl-C is how a user stops `relay listen`
-    except* Stop as group:
-        problems.append(str(first_leaf(group)))
-    except* ConnectionClosed as group:
-        closed = first_leaf(group)
-        assert isinstance(closed, ConnectionClosed)
-        code = closed.reason.code if closed.reason else "?"
-        problems.append(f"the relay closed the connection ({code})")
-    except* (HandshakeError, OSError) as group:
-        problems.append(f"cannot connect to {args.url}: {_reason(first_leaf(group))}")
-    except* RelayClientError as group:
+    except* (RelayStopped, RelayClientError) as group:
         problems.append(str(first_leaf(group)))
     if problems:
         _say(args, problems[0])

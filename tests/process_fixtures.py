@@ -7,10 +7,11 @@ left running.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -48,7 +49,7 @@ async def _wait_listening(relay: RelayProcess, port: int) -> None:
         return
 
 
-async def _stop(process: trio.Process) -> int:
+async def stop_process(process: trio.Process) -> int:
     """SIGTERM, wait with a timeout, then SIGKILL: by PID, nothing left running."""
     if process.returncode is None:
         process.terminate()
@@ -82,19 +83,88 @@ async def relay_process(
         yield relay
     finally:
         with trio.CancelScope(shield=True):
-            relay.returncode = await _stop(process)
+            relay.returncode = await stop_process(process)
 
 
-async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+@attrs.define
+class RestartableRelay:
+    """Relay subprocesses, one at a time, on one fixed port: a test kills one (SIGKILL: its
+    clients see 1006, nothing is drained) and starts the next, or stops one (SIGSTOP) to
+    make it a relay that answers nothing."""
+
+    redis_url: str
+    prefix: str
+    log_dir: Path
+    extra: tuple[str, ...]
+    port: int = attrs.field(factory=free_loopback_port)
+    current: RelayProcess | None = None
+    _stack: AsyncExitStack = attrs.field(factory=AsyncExitStack)
+    _starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> RelayProcess:
+        assert self.current is None, "a relay runs already"
+        self._starts += 1
+        log = self.log_dir / f"relay-{self.port}-{self._starts}.log"
+        self.current = await self._stack.enter_async_context(
+            relay_process(self.redis_url, self.prefix, log, *self.extra, port=self.port)
+        )
+        return self.current
+
+    async def kill(self) -> None:
+        if self.current is not None:
+            self.current.process.kill()
+            await self.current.process.wait()
+            self.current = None
+        await self._stack.aclose()
+
+    async def restart(self) -> RelayProcess:
+        await self.kill()
+        return await self.start()
+
+    def pause(self) -> None:
+        assert self.current is not None
+        self.current.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.current is not None
+        self.current.process.send_signal(signal.SIGCONT)
+
+
+@asynccontextmanager
+async def restartable_relay(
+    redis_url: str, prefix: str, log_dir: Path, *extra: str
+) -> AsyncIterator[RestartableRelay]:
+    """A RestartableRelay, started; whatever relay runs at the end is killed by PID."""
+    relay = RestartableRelay(redis_url, prefix, log_dir, extra)
+    try:
+        await relay.start()
+        yield relay
+    finally:
+        with trio.CancelScope(shield=True):
+            await relay.kill()
+
+
+def user_env(**relay_vars: str) -> dict[str, str]:
+    """This environment without `RELAY_*` variables, plus the given ones (the `export` lines
+    `relay serve` prints, say)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return env | relay_vars
+
+
+async def run_cli(*args: str, **relay_vars: str) -> subprocess.CompletedProcess[bytes]:
     """Run `python -m relay ARGS` to its end, as a user runs the CLI; capture its output.
-    The environment is this one without `RELAY_*` variables: only ARGS configure it."""
+    Only ARGS and the given `RELAY_*` variables configure it."""
     return await trio.run_process(
         [sys.executable, "-m", "relay", *args],
         stdin=subprocess.DEVNULL,
         capture_stdout=True,
         capture_stderr=True,
         check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+        env=user_env(**relay_vars),
     )
 
 

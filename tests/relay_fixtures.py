@@ -27,7 +27,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from relay.client import Message, RelayClient
+from relay.client import Message, RelaySession
 from relay.config import Config
 from relay.redis_sync import RedisClient
 from relay.server import RunningRelay, serve_relay
@@ -192,11 +192,11 @@ async def close_code(ws: WebSocketConnection) -> int | None:
         return closed.reason.code if closed.reason is not None else None
 
 
-async def receive_n(client: RelayClient, n: int) -> list[Message]:
+async def receive_n(client: RelaySession, n: int) -> list[Message]:
     return [await client.receive() for _ in range(n)]
 
 
-async def receive_until(client: RelayClient, body: str) -> list[Message]:
+async def receive_until(client: RelaySession, body: str) -> list[Message]:
     """Messages up to and including the first whose body is `body` (a marker)."""
     got: list[Message] = []
     while not got or got[-1].body != body:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,30 +21,126 @@ pytest.importorskip("matplotlib")
 
 from relay_bench.checks import Failures, SelfCheckFailed, SessionChecker
 
-RUN_TIMEOUT_S = 60
-TINY_RUN = ("throughput", "--spawn", "--pairs", "2", "--messages", "50")
+RUN_TIMEOUT_S = 120
+TINY = ("--pairs", "2", "--messages", "50")
+TINY_RUN = ("throughput", "--spawn", *TINY)
+
+
+def bench(
+    cwd: Path, *args: str, timeout_s: float = RUN_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """`relay bench ARGS` as a user runs it, in `cwd`."""
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "bench", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def result_of(done: subprocess.CompletedProcess[str], out: Path, workload: str) -> dict[str, Any]:
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (path,) = out.glob(f"{workload}-*.json")
+    result: dict[str, Any] = json.loads(path.read_text())
+    return result
 
 
 def test_throughput_run_delivers_everything_and_passes_its_checks(tmp_path: Path) -> None:
-    """Without --out, results go to ./bench-results of the current directory."""
-    done = subprocess.run(
-        [sys.executable, "-m", "relay", "bench", *TINY_RUN],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (result_path,) = (tmp_path / "bench-results").glob("throughput-*.json")
-    result = json.loads(result_path.read_text())
+    """Without --out, results go to ./bench-results of the current directory; the echo
+    server's calibration runs first, and the result says its fraction of that ceiling."""
+    result = result_of(bench(tmp_path, *TINY_RUN), tmp_path / "bench-results", "throughput")
     assert result["ok"] is True
     assert result["failures"] == []
     assert result["sent"] == result["delivered"] == 100
     assert result["results"]["keys_left"] == 0
     assert result["git"]["commit"]
-    assert list((tmp_path / "bench-results").glob("throughput-*.md"))
+    assert result["calibration"]["ceiling"]["msgs_per_s"] > 0
+    fractions = {row["key"]: row for row in result["vs_ceiling"]}
+    assert fractions["msgs_per_s"]["ratio"] > 0
+    assert fractions["msgs_per_s"]["ceiling"] == result["calibration"]["ceiling"]["msgs_per_s"]
+    assert result["headline"]["redis_cpu_us_per_msg"] > 0  # Redis CPU per relayed message
+    markdown = next((tmp_path / "bench-results").glob("throughput-*.md")).read_text()
+    assert "| calibration ceiling | echo server" in markdown
+    assert "## Against the ceiling (echo server)" in markdown
     assert list((tmp_path / "bench-results").glob("throughput-*-latency.png"))
+
+
+def test_calibrate_measures_the_echo_servers_ceiling(tmp_path: Path) -> None:
+    """`relay bench calibrate` needs no relay: the echo server answers the generator."""
+    done = bench(tmp_path, "calibrate", *TINY, "--out", "out")
+    result = result_of(done, tmp_path / "out", "calibrate")
+    assert result["ok"] is True, result["failures"]
+    assert result["relay"]["kind"] == "echo"
+    assert result["sent"] == result["delivered"] == 100
+    calibration = result["calibration"]
+    assert calibration["loop"]["workload"] == "throughput"
+    assert calibration["loop"]["pairs"] == 2
+    ceiling = calibration["ceiling"]
+    assert ceiling["msgs_per_s"] > 0 and ceiling["relay_cpu_us_per_msg"] > 0
+    assert 0 < ceiling["p50_us"] <= ceiling["p99_us"]
+    assert result["targets"] == []  # the targets are a relay's
+    assert "calibration ceiling: echo server" in done.stdout
+
+
+def test_flood_runs_the_pairs_without_and_with_a_flooding_client(tmp_path: Path) -> None:
+    done = bench(
+        tmp_path, "flood", "--spawn", "--pairs", "2", "--rate", "40", "--messages", "40",
+        "--no-calibrate", "--out", "out",
+    )  # fmt: skip
+    result = result_of(done, tmp_path / "out", "flood")
+    assert result["ok"] is True, result["failures"]
+    metrics = result["results"]
+    for phase in ("quiet", "flood"):
+        assert metrics[phase]["accepted"] == metrics[phase]["delivered"] == 80
+        assert metrics[phase]["latency_us"]["count"] == 80
+    flooder = metrics["flooder"]
+    assert flooder["sent"] > 0
+    answered = flooder["accepted"] + sum(flooder["refused"].values())
+    assert answered + flooder["unanswered"] == flooder["sent"]
+    assert flooder["sink_delivered"] >= flooder["accepted"]
+    assert metrics["p99_ratio"] > 0
+    assert metrics["keys_left"] == 0
+    assert [t["name"] for t in result["targets"]] == ["flood p99, 2x quiet p99"]
+    assert result["calibration"] is None  # --no-calibrate
+
+
+def test_baseline_runs_a_second_relay_from_a_commit_and_prints_ratios(tmp_path: Path) -> None:
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    trees_before = set(Path(tempfile.gettempdir()).glob("relay-bench-baseline-*"))
+    done = bench(tmp_path, *TINY_RUN, "--no-calibrate", "--baseline", "HEAD", "--out", "out")
+    result = result_of(done, tmp_path / "out", "throughput")
+    assert result["ok"] is True, result["failures"]
+    baseline = result["baseline"]
+    assert baseline["commit"] == head
+    assert baseline["ok"] is True
+    assert baseline["sent"] == baseline["delivered"] == 100
+    assert baseline["relay"]["pid"] != result["relay"]["pid"]
+    ratios = {row["key"]: row for row in result["vs_baseline"]}
+    for key in ("msgs_per_s", "relay_cpu_us_per_msg", "p50_us", "p99_us", "redis_cpu_us_per_msg"):
+        assert ratios[key]["ratio"] == pytest.approx(
+            ratios[key]["this"] / ratios[key]["baseline"], rel=0.01
+        )
+    names = [t["name"] for t in result["targets"]]
+    assert "msgs_per_s, 2.5x baseline" in names
+    assert "this / baseline" in done.stdout
+    assert set(Path(tempfile.gettempdir()).glob("relay-bench-baseline-*")) <= trees_before
+
+
+def test_baseline_needs_a_spawned_relay_and_a_known_commit(tmp_path: Path) -> None:
+    done = bench(tmp_path, "throughput", "--url", "ws://127.0.0.1:1/v1", "--baseline", "HEAD")
+    assert done.returncode == 2
+    assert "--baseline" in done.stderr
+    done = bench(tmp_path, *TINY_RUN, "--no-calibrate", "--baseline", "no-such-ref-here")
+    assert done.returncode == 2
+    assert "no-such-ref-here" in done.stderr
 
 
 def test_out_of_order_delivery_fails_the_run_loudly() -> None:

@@ -10,27 +10,38 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import trio
-from process_fixtures import RelayProcess, relay_process
+from process_fixtures import (
+    RestartableRelay,
+    restartable_relay,
+    run_cli,
+    stop_process,
+    user_env,
+)
 from relay_fixtures import (
     DEADLINE_S,
     RelayFactory,
     answer,
+    msg_key,
     poll_until,
     raw_session,
+    request,
     send_json,
     token,
+    unique,
 )
 
-from relay.embedded import free_loopback_port
-from relay.redis_sync import RedisClient
+from relay.embedded import EmbeddedServer, free_loopback_port
+from relay.redis_sync import RedisClient, connect
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]
@@ -102,9 +113,9 @@ def _with_browser(fn: Callable[[Any], T]) -> T:
             browser.close()
 
 
-async def in_browser(fn: Callable[[Any], T]) -> T:
+async def in_browser(fn: Callable[[Any], T], deadline_s: float = BROWSER_DEADLINE_S) -> T:
     """Run `fn(browser)` in a worker thread with a fresh Chromium, within the test deadline."""
-    with trio.fail_after(BROWSER_DEADLINE_S):
+    with trio.fail_after(deadline_s):
         return await trio.to_thread.run_sync(_with_browser, fn)
 
 
@@ -164,37 +175,16 @@ def _keys(redis_client: RedisClient, prefix: str) -> list[str]:
 @pytest.fixture
 async def restartable(
     redis_url: str, prefix: str, tmp_path: Path
-) -> AsyncIterator[Callable[[], Any]]:
-    """`await restart()` starts (or kills with SIGKILL and starts again) a relay subprocess
-    on one fixed port; returns its RelayProcess."""
-    port = free_loopback_port()
-    stack = AsyncExitStack()
-    current: list[RelayProcess] = []
-
-    async def restart() -> RelayProcess:
-        if current:
-            current[0].process.kill()  # no graceful close: the page sees 1006
-            await current[0].process.wait()
-            await stack.aclose()
-            current.clear()
-        log = tmp_path / f"relay-{len(os.listdir(tmp_path))}.log"
-        current.append(
-            await stack.enter_async_context(relay_process(redis_url, prefix, log, port=port))
-        )
-        return current[0]
-
-    yield restart
-    await stack.aclose()
+) -> AsyncIterator[RestartableRelay]:
+    """A relay subprocess on a fixed port that a test pauses, kills and starts again."""
+    async with restartable_relay(redis_url, prefix, tmp_path) as relay:
+        yield relay
 
 
 async def test_sends_pending_when_the_relay_is_killed_are_stored_exactly_once_after_restart(
-    restartable: Callable[[], Any], redis_client: RedisClient, prefix: str
+    restartable: RestartableRelay, redis_client: RedisClient, prefix: str
 ) -> None:
-    relay: RelayProcess = await restartable()
-    port = int(relay.url.split(":")[2].split("/")[0])
-
-    async def pause() -> None:
-        relay.process.send_signal(signal.SIGSTOP)
+    port = restartable.port
 
     def scenario(browser: Any) -> tuple[list[str], int]:
         page = open_page(browser, f"http://127.0.0.1:{port}")
@@ -215,10 +205,10 @@ async def test_sends_pending_when_the_relay_is_killed_are_stored_exactly_once_af
         page.wait_for_function("window.accepted.length === 10")
         # The relay stops answering (SIGSTOP): these sends reach its socket, unanswered;
         # then it dies (SIGKILL) and a new one starts on the port. The page resends them.
-        trio.from_thread.run(pause)
+        trio.from_thread.run_sync(restartable.pause)
         page.evaluate(f"burst(10, {SENDS})")
         page.wait_for_function(f"client.pendingCount === {SENDS - 10}")
-        trio.from_thread.run(restartable)
+        trio.from_thread.run(restartable.restart)
         page.wait_for_function(f"window.accepted.length + window.sendErrors.length === {SENDS}")
         return page.evaluate("window.sendErrors"), page.evaluate("client.stats.welcomes")
 
@@ -395,3 +385,243 @@ async def test_the_demo_page_exchanges_a_message_between_two_pages(
     text = await in_browser(scenario)
     assert "from alice-d" in text
     assert (tmp_path / "demo-bob.png").stat().st_size > 1000
+
+
+async def test_the_readme_demo_flow_serve_demo_then_relay_token_then_two_pages(
+    tmp_path: Path,
+) -> None:
+    """README's newcomer flow: `relay serve --demo` (embedded Valkey, a development secret it
+    prints with `export` lines), `relay token alice` / `relay token bob` with those lines,
+    then /demo in two pages, a token pasted into each, and a chat both ways."""
+    port, log = free_loopback_port(), tmp_path / "serve.log"
+    serve = [sys.executable, "-m", "relay", "serve", "--demo", "--port", str(port)]
+    with log.open("wb") as file:
+        process = await trio.lowlevel.open_process(
+            [*serve, "--ops-port", "0"],
+            stdin=subprocess.DEVNULL,
+            stdout=file,
+            stderr=file,
+            env=user_env(),
+        )
+    try:
+        with trio.fail_after(BROWSER_DEADLINE_S):
+            await poll_until(lambda: b"listening on" in log.read_bytes() or bool(process.poll()))
+            text = log.read_text()
+            exports = dict(re.findall(r"export (RELAY_\w+)=(\S+)", text))
+            assert exports["RELAY_URL"] == f"ws://127.0.0.1:{port}/v1", text
+            assert f"open http://127.0.0.1:{port}/demo in two tabs" in text, text
+            tokens = {}
+            for name in ("alice", "bob"):
+                result = await run_cli("token", name, **exports)
+                assert result.returncode == 0, result.stderr
+                tokens[name] = result.stdout.decode().strip()
+
+        def scenario(browser: Any) -> dict[str, str]:
+            pages = {}
+            for name, tok in tokens.items():
+                page = browser.new_page()
+                page.set_default_timeout(STEP_MS)
+                page.goto(f"http://127.0.0.1:{port}/demo")
+                page.fill("#token", tok)
+                page.click("#connect")
+                page.wait_for_selector("#state.state-open")
+                pages[name] = page
+            for sender, recipient in (("alice", "bob"), ("bob", "alice")):
+                pages[sender].fill("#to", recipient)
+                pages[sender].fill("#body", f"hi {recipient}")
+                pages[sender].click("#send")
+                pages[recipient].wait_for_selector(f"#messages li.theirs >> text=hi {recipient}")
+            return {name: page.inner_text("#messages") for name, page in pages.items()}
+
+        seen = await in_browser(scenario)
+    finally:
+        with trio.CancelScope(shield=True):
+            await stop_process(process)
+    assert "from alice" in seen["bob"] and "from bob" in seen["alice"]
+
+
+# -- the watchdog, epochs, expiry, retries and backoff -------------------------------------
+
+
+@pytest.fixture
+def own_server(redis_server: EmbeddedServer) -> Iterator[EmbeddedServer]:
+    """A private server of the same kind as `redis_server`, on a fixed port, free to pause,
+    stop and start again (empty: a new epoch). Started and stopped from the main thread
+    (it dies with the thread that started it)."""
+    server = EmbeddedServer(binary=redis_server.binary, port=free_loopback_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def closes(page: Any) -> list[dict[str, Any]]:
+    details: list[dict[str, Any]] = page.evaluate(
+        "window.events.filter(([t]) => t === 'close').map(([, d]) => d)"
+    )
+    return details
+
+
+async def test_the_idle_watchdog_reconnects_from_a_relay_that_answers_nothing(
+    restartable: RestartableRelay,
+) -> None:
+    port = restartable.port
+
+    def scenario(browser: Any) -> list[dict[str, Any]]:
+        page = open_page(browser, f"http://127.0.0.1:{port}")
+        start_client(page, port, token("ivy-w"), idleTimeoutMs=1000)
+        # SIGSTOP: TCP stays up, nothing answers the probe; the watchdog gives up.
+        trio.from_thread.run_sync(restartable.pause)
+        try:
+            page.wait_for_function("window.events.some(([t, d]) => t === 'close' && d.local)")
+        finally:
+            trio.from_thread.run_sync(restartable.resume)
+        page.wait_for_function("client.stats.welcomes === 2")
+        page.evaluate("client.send('ivy-w', 'awake')")
+        page.wait_for_function("window.got.some((m) => m.body === 'awake')")
+        return closes(page)
+
+    seen = await in_browser(scenario)
+    assert seen[0]["local"] is True and seen[0]["reason"] == "idle", seen
+    assert all(c["final"] is False for c in seen)
+
+
+async def test_the_epoch_event_after_the_storage_restarted_empty(
+    own_server: EmbeddedServer, prefix: str, tmp_path: Path
+) -> None:
+    async with restartable_relay(own_server.url, prefix, tmp_path) as relay:
+
+        def scenario(browser: Any) -> tuple[str, list[dict[str, str]], str]:
+            page = open_page(browser, f"http://127.0.0.1:{relay.port}")
+            start_client(page, relay.port, token("jo-e"))
+            first: str = page.evaluate("client.epoch")
+            trio.from_thread.run(relay.kill)  # the node goes down, its memory-only Valkey too
+            trio.from_thread.run_sync(own_server.stop)
+            trio.from_thread.run_sync(own_server.start)
+            trio.from_thread.run(relay.start)
+            page.wait_for_function("window.events.some(([t]) => t === 'epoch')")
+            epochs = page.evaluate("window.events.filter(([t]) => t === 'epoch').map(([, d]) => d)")
+            return first, epochs, page.evaluate("client.epoch")
+
+        first, epochs, now = await in_browser(scenario)
+    assert now != first
+    assert epochs == [{"epoch": now, "previous": first}]
+
+
+async def test_the_expired_event_counts_a_message_that_ran_out_before_the_session(
+    relay: RunningRelay, redis_client: RedisClient, prefix: str
+) -> None:
+    kim = unique("kim")
+    with trio.fail_after(DEADLINE_S):
+        async with raw_session(relay.url, "alice-x") as (alice, _):
+            gone = await request(alice, {"type": "send", "to": kim, "body": "gone", "ttl": 1})
+            stays = await request(alice, {"type": "send", "to": kim, "body": "stays"})
+            assert gone["type"] == stays["type"] == "accepted"
+        await poll_until(lambda: not redis_client.exists(msg_key(prefix, kim, gone["ids"][kim])))
+
+    def scenario(browser: Any) -> tuple[list[Any], list[str]]:
+        page = open_page(browser, http_origin(relay))
+        start_client(page, relay.port, token(kim))
+        page.wait_for_function("window.got.length >= 1")
+        expired = page.evaluate("window.events.filter(([t]) => t === 'expired').map(([, d]) => d)")
+        return expired, page.evaluate("window.got.map((m) => m.body)")
+
+    expired, bodies = await in_browser(scenario)
+    assert expired == [{"count": 1}]
+    assert bodies == ["stays"]
+
+
+async def test_a_send_answered_unconfirmed_is_sent_again_and_stored_once(
+    make_relay: RelayFactory, own_server: EmbeddedServer, prefix: str
+) -> None:
+    """Redis paused (SIGSTOP) past the relay's redis timeout: `unconfirmed` (maybe stored);
+    the page sends it again with its ref until Redis answers."""
+    relay = await make_relay(redis_url=own_server.url, redis_timeout_s=0.5)
+
+    def stall(on: bool) -> None:
+        os.kill(own_server.pid, signal.SIGSTOP if on else signal.SIGCONT)
+
+    def scenario(browser: Any) -> tuple[Any, int]:
+        page = open_page(browser, http_origin(relay))
+        start_client(page, relay.port, token("alice-u"))
+        page.evaluate("client.send('lee-u', 'warm up')")
+        trio.from_thread.run_sync(stall, True)
+        try:
+            page.evaluate(
+                """() => { client.send('lee-u', 'while paused').then(
+                     (a) => { window.outcome = a.ids; }, (e) => { window.outcome = e.code; }); }"""
+            )
+            page.wait_for_function("client.stats.sends >= 3")  # warm up, first try, a retry
+        finally:
+            trio.from_thread.run_sync(stall, False)
+        page.wait_for_function("window.outcome !== undefined")
+        return page.evaluate("window.outcome"), page.evaluate("client.stats.sends")
+
+    try:
+        outcome, sends = await in_browser(scenario)
+    finally:
+        stall(False)
+    assert isinstance(outcome, dict) and "lee-u" in outcome, outcome
+    unconfirmed = relay.services.metrics.registry.get_sample_value(
+        "relay_requests_rejected_total", {"code": "unconfirmed"}
+    )
+    assert unconfirmed is not None and unconfirmed >= 1
+    own_client = connect(own_server.url)
+    try:
+        assert sorted(_stored_bodies(own_client, prefix, "lee-u")) == ["warm up", "while paused"]
+    finally:
+        own_client.close()
+    assert sends >= 3
+
+
+async def test_rate_limited_sends_are_sent_again_and_each_stored_once(
+    make_relay: RelayFactory, redis_client: RedisClient, prefix: str
+) -> None:
+    relay = await make_relay(rate_limit_per_s=40.0, rate_burst=10)
+    sends = 15  # 5 over the burst: refused at first
+
+    def scenario(browser: Any) -> tuple[int, list[str]]:
+        page = open_page(browser, http_origin(relay))
+        start_client(page, relay.port, token("alice-l"))
+        errors: list[str] = page.evaluate(
+            f"""async () => {{
+                 const sends = [];
+                 for (let i = 0; i < {sends}; i++) sends.push(client.send("max-l", `l${{i}}`));
+                 const results = await Promise.allSettled(sends);
+                 return results.filter((r) => r.status === "rejected").map((r) => r.reason.code);
+               }}"""
+        )
+        return page.evaluate("client.stats.sends"), errors
+
+    written, errors = await in_browser(scenario)
+    assert errors == []
+    assert written > sends  # some went twice
+    limited = relay.services.metrics.registry.get_sample_value(
+        "relay_requests_rejected_total", {"code": "rate_limited"}
+    )
+    assert limited is not None and limited >= 1
+    stored = _stored_bodies(redis_client, prefix, "max-l")
+    assert sorted(stored) == sorted(f"l{i}" for i in range(sends))
+
+
+async def test_the_page_backs_off_while_sessions_get_1013_and_resumes_with_the_storage(
+    make_relay: RelayFactory, own_server: EmbeddedServer
+) -> None:
+    relay = await make_relay(redis_url=own_server.url)
+    own_server.stop()  # the relay runs on; a session cannot start (each try takes ~5 s)
+
+    def scenario(browser: Any) -> tuple[list[dict[str, Any]], int]:
+        page = open_page(browser, http_origin(relay))
+        start_client(page, relay.port, token("max-b"), noWait=True)
+        page.wait_for_function(
+            "window.events.filter(([t, d]) => t === 'close' && d.code === 1013).length >= 2",
+            timeout=30_000,
+        )
+        trio.from_thread.run_sync(own_server.start)
+        page.wait_for_function("client.stats.welcomes === 1", timeout=30_000)
+        page.evaluate("client.send('max-b', 'storage is back')")
+        page.wait_for_function("window.got.some((m) => m.body === 'storage is back')")
+        return closes(page), page.evaluate("client.stats.connects")
+
+    seen, connects = await in_browser(scenario, deadline_s=70.0)
+    assert {c["code"] for c in seen} == {1013}
+    assert connects == len(seen) + 1

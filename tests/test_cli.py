@@ -22,7 +22,7 @@ import trio
 from process_fixtures import run_cli
 from relay_fixtures import SECRET, TEARDOWN_S, RelayFactory, msg_key, poll_until, unique
 
-from relay.embedded import free_loopback_port
+from relay.embedded import EmbeddedServer, free_loopback_port
 from relay.redis_sync import RedisClient
 
 pytest_plugins = ["relay_fixtures"]
@@ -269,17 +269,40 @@ async def test_listen_prints_the_welcomes_expired_count(
     assert "1 message(s) expired before they were delivered" in out.read_text()
 
 
-def test_listen_says_when_the_epoch_changes(capsys: pytest.CaptureFixture[str]) -> None:
-    from relay.cli_client import report_welcome
+async def test_listen_says_when_the_storage_was_reset(
+    redis_server: EmbeddedServer, prefix: str, tmp_path: Path
+) -> None:
+    from process_fixtures import restartable_relay
+    from relay_fixtures import token
 
-    epoch = report_welcome({"type": "welcome", "expired": 0}, None)  # a relay without epochs
-    assert epoch is None
-    epoch = report_welcome({"type": "welcome", "expired": 0, "epoch": "e1"}, epoch)
-    assert capsys.readouterr().err == ""
-    assert report_welcome({"type": "welcome", "expired": 0, "epoch": "e1"}, epoch) == "e1"
-    assert capsys.readouterr().err == ""
-    assert report_welcome({"type": "welcome", "expired": 0, "epoch": "e2"}, "e1") == "e2"
-    assert "storage was reset" in capsys.readouterr().err
+    from relay.client import open_relay
+
+    server = EmbeddedServer(binary=redis_server.binary, port=free_loopback_port())
+    server.start()
+    mailbox, out = unique("bob"), tmp_path / "listen.out"
+
+    async def deliver(url: str, body: str, process: trio.Process) -> None:
+        async with open_relay(url, token("alice")) as alice:
+            await alice.send(mailbox, body)
+        await poll_until(lambda: body in bodies(out) or process.poll() is not None)
+
+    try:
+        async with (
+            restartable_relay(server.url, prefix, tmp_path) as relay,
+            listener(relay.url, mailbox, out) as process,
+        ):
+            with trio.fail_after(CLI_DEADLINE_S):
+                await deliver(relay.url, "before", process)
+                await relay.kill()  # the node restarts, its memory-only Valkey too
+                server.stop()
+                server.start()
+                await relay.start()
+                await deliver(relay.url, "after", process)
+            assert process.poll() is None, out.read_text()
+    finally:
+        server.stop()
+    assert bodies(out) == ["before", "after"]
+    assert "storage was reset" in out.read_text()
 
 
 async def test_serve_logs_its_ops_url_and_embedded_valkey_url_for_audit(tmp_path: Path) -> None:

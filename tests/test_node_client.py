@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from relay_fixtures import token
+from relay_fixtures import RelayFactory, token
 
 from relay.server import RunningRelay
 
@@ -34,14 +34,16 @@ def _node_with_websocket() -> list[str] | None:
     return None
 
 
-async def test_the_module_in_node(relay: RunningRelay) -> None:
+async def test_the_module_in_node(relay: RunningRelay, make_relay: RelayFactory) -> None:
     command = _node_with_websocket()
     if command is None:
         pytest.skip("no node with a global WebSocket on the PATH (22+, or 20 with a flag)")
+    limited = await make_relay(rate_limit_per_s=40.0, rate_burst=10)
     script = Path(__file__).parent / "node" / "module_test.mjs"
+    tokens = [token("alice-n"), token("bob-n"), token("bob-n")]
     with trio.fail_after(NODE_DEADLINE_S):
         result = await trio.run_process(
-            [*command, str(script), relay.url, token("alice-n"), token("bob-n"), token("bob-n")],
+            [*command, str(script), relay.url, *tokens, limited.url],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
@@ -49,3 +51,7 @@ async def test_the_module_in_node(relay: RunningRelay) -> None:
     output = (result.stdout + result.stderr).decode(errors="replace")
     assert result.returncode == 0, output
     assert "all ok" in output
+    refused = limited.services.metrics.registry.get_sample_value(
+        "relay_requests_rejected_total", {"code": "rate_limited"}
+    )
+    assert refused is not None and refused >= 5, output

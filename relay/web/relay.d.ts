@@ -43,7 +43,8 @@ export interface RelayOptions {
   minBackoffMs?: number;
   /** default 20000 */
   maxBackoffMs?: number;
-  /** reconnect after this long without a frame (default 60000, the relay's idle timeout) */
+  /** reconnect after this long without a frame, or a handshake that hangs this long
+   * (default 60000, the relay's idle timeout) */
   idleTimeoutMs?: number;
   /** acks wait this long to be batched into one frame (default 10) */
   ackDelayMs?: number;
@@ -94,6 +95,13 @@ export class RelayClient extends EventTarget {
   };
   /** resolves with the first welcome; rejects when the client stops before one */
   connect(): Promise<Welcome>;
+  /**
+   * Resolves with the relay's `accepted` answer. Until then the send is kept and sent again
+   * with the same ref after a reconnect, and after an `unconfirmed` or `rate_limited` answer
+   * (jittered backoff from 500 ms, doubling; a `storage_unavailable` answering the retry of
+   * an `unconfirmed` send keeps it pending too). Rejects with a RelayError carrying the
+   * relay's code on any other error, and with closed / replaced / unauthorized on a stop.
+   */
   send(to: string | string[], body: string, options?: { ttl?: number; ref?: string }): Promise<Accepted>;
   ack(id: string): void;
   close(): void;

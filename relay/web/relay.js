@@ -9,12 +9,18 @@
 //   relay.close();
 //
 // What it does for you: first-frame auth (token string or function, called before each
-// connect), random refs, resend of unanswered and `unconfirmed` sends with the same ref
-// after a reconnect, deduplication of redeliveries by id, acks batched after the message
-// listeners returned, reconnects with full-jitter backoff, and an idle watchdog.
+// connect), random refs, resend of unanswered sends with the same ref after a reconnect and
+// of `unconfirmed` and `rate_limited` ones after a backoff, deduplication of redeliveries by
+// id, acks batched after the message listeners returned, reconnects with full-jitter
+// backoff, and an idle watchdog.
 
 const SUBPROTOCOL = "relay.v1";
 const OPEN = 1;
+/** Answers after which a send is sent again with its ref (a retry stores at most one copy). */
+const RETRY_CODES = new Set(["unconfirmed", "rate_limited"]);
+/** The first retry of such a send waits up to this (doubling after), so a burst of refused
+ * sends comes back spread out rather than as another burst. */
+const RETRY_MIN_MS = 500;
 
 /**
  * @typedef {object} RelayMessage
@@ -39,7 +45,8 @@ const OPEN = 1;
  * @property {boolean} [autoAck]          ack each message once its listeners returned (default true)
  * @property {number} [minBackoffMs]      first reconnect delay cap (default 500)
  * @property {number} [maxBackoffMs]      largest reconnect delay (default 20000)
- * @property {number} [idleTimeoutMs]     reconnect after this long without a frame (default 60000)
+ * @property {number} [idleTimeoutMs]     reconnect after this long without a frame, or a handshake
+ *                                        that hangs this long (default 60000)
  * @property {number} [ackDelayMs]        acks wait this long to be batched (default 10)
  * @property {number} [dedupeSize]        delivery ids remembered (default 10000)
  * @property {typeof WebSocket} [WebSocket] the WebSocket class (default the global one)
@@ -107,7 +114,7 @@ export class RelayClient extends EventTarget {
     this._ws = null;
     this._stopped = true;
     this._attempt = 0;
-    /** @type {Map<string, {frame: Record<string, any>, resolve: (a: Accepted) => void, reject: (e: Error) => void, retries: number}>} */
+    /** @type {Map<string, {frame: Record<string, any>, resolve: (a: Accepted) => void, reject: (e: Error) => void, retries: number, maybeStored: boolean}>} */
     this._pending = new Map();
     /** @type {Map<string, true>} delivery ids seen, oldest first */
     this._seen = new Map();
@@ -155,8 +162,9 @@ export class RelayClient extends EventTarget {
 
   /**
    * Send `body` to one mailbox or a list of them. Resolves with the relay's `accepted` answer
-   * (kept and resent with the same ref across reconnects until then); rejects with a
-   * RelayError carrying the relay's error code on a definite error.
+   * (kept and resent with the same ref across reconnects until then, and after `unconfirmed`
+   * or `rate_limited` answers, with backoff); rejects with a RelayError carrying the relay's
+   * error code on a definite error.
    * @param {string | string[]} to
    * @param {string} body
    * @param {{ttl?: number, ref?: string}} [options]
@@ -175,7 +183,7 @@ export class RelayClient extends EventTarget {
       return Promise.reject(new RelayError("ref_conflict", "a send with this ref is pending"));
     }
     return new Promise((resolve, reject) => {
-      this._pending.set(ref, { frame, resolve, reject, retries: 0 });
+      this._pending.set(ref, { frame, resolve, reject, retries: 0, maybeStored: false });
       if (this.state === "open") this._transmit(frame);
     });
   }
@@ -230,6 +238,7 @@ export class RelayClient extends EventTarget {
       return;
     }
     this._ws = ws;
+    this._touch(); // the watchdog also gives up on a handshake that hangs
     ws.onopen = () => {
       if (this._ws !== ws) return;
       ws.send(JSON.stringify({ type: "auth", token }));
@@ -326,10 +335,12 @@ export class RelayClient extends EventTarget {
       case "error": {
         const entry = frame.ref === undefined ? undefined : this._pending.get(frame.ref);
         if (!entry) return;
-        if (frame.code === "unconfirmed") {
-          // Outcome unknown: the same ref converges on one copy. Retry after a short delay.
+        if (frame.code === "unconfirmed") entry.maybeStored = true;
+        // After `unconfirmed`, a retry's storage_unavailable says nothing of the first try.
+        if (RETRY_CODES.has(frame.code) || (entry.maybeStored && frame.code === "storage_unavailable")) {
+          // The same ref converges on one copy: send it again after a jittered delay.
+          const delay = jitter(entry.retries, RETRY_MIN_MS, this._maxBackoffMs);
           entry.retries += 1;
-          const delay = jitter(entry.retries, 100, this._maxBackoffMs);
           setTimeout(() => {
             if (this._pending.get(frame.ref) === entry && this.state === "open") {
               this._transmit(entry.frame);

@@ -1,9 +1,10 @@
 // relay.js in Node (a global WebSocket: 22+, or 20 with --experimental-websocket).
-// Usage: node module_test.mjs <ws url> <token alice> <token bob> <token bob again>
+// Usage: node module_test.mjs <ws url> <token alice> <token bob> <token bob again> <ws url of a
+// relay with a low rate limit (40/s, burst 10)>
 // Prints one line per check; exits non-zero on the first failure.
 import { RelayClient, RelayError } from "../../relay/web/relay.js";
 
-const [url, alice, bob, bobAgain] = process.argv.slice(2);
+const [url, alice, bob, bobAgain, limitedUrl] = process.argv.slice(2);
 const deadline = setTimeout(() => { console.error("FAIL: deadline"); process.exit(2); }, 20000);
 
 function check(ok, what) {
@@ -13,8 +14,8 @@ function check(ok, what) {
 async function until(condition) {
   while (!condition()) await new Promise((r) => setTimeout(r, 10));
 }
-function client(token, options = {}) {
-  const c = new RelayClient(url, { token, minBackoffMs: 50, maxBackoffMs: 300, ...options });
+function client(token, options = {}, at = url) {
+  const c = new RelayClient(at, { token, minBackoffMs: 50, maxBackoffMs: 300, ...options });
   c.got = [];
   c.addEventListener("message", (e) => c.got.push(e.detail));
   return c;
@@ -53,6 +54,13 @@ await first;
 await new Promise((r) => setTimeout(r, 2500)); // the point is time passing in silence
 check(quiet.stats.welcomes === 1 && quiet.state === "open", "idle probes keep a quiet connection open");
 quiet.close();
+
+const limited = client(alice, {}, limitedUrl);
+await limited.connect();
+const burst = await Promise.allSettled([...Array(15).keys()].map((i) => limited.send("carol-n", `l${i}`)));
+check(burst.every((r) => r.status === "fulfilled"), "rate_limited sends are sent again until accepted");
+check(limited.stats.sends > 15, "some of the 15 (5 over the burst) went twice");
+limited.close();
 
 const newer = client(bobAgain);
 await newer.connect();
