@@ -27,6 +27,7 @@ from relay.store_redis import RedisMailboxStore
 PREFIX = "cost:"
 FETCH_PAGE = 100  # as relay/session.py reads
 TTL_S = 3600
+REDIS_TIMEOUT_S = 300.0  # generous: a Valkey under callgrind runs about 50 times slower
 
 
 def _now_ms() -> int:
@@ -47,7 +48,7 @@ async def _all(fn: Callable[[Any], Awaitable[None]], args: list[Any]) -> None:
 class Workloads:
     def __init__(self, url: str, options: dict[str, Any]) -> None:
         self.url = url
-        self.pump = RedisPump(url)
+        self.pump = RedisPump(url, timeout_s=REDIS_TIMEOUT_S)
         self.store = RedisMailboxStore(self.pump, prefix=PREFIX, retention_s=TTL_S)
         self.body = "x" * options["body_bytes"]
         self.boxes = [f"box{i}" for i in range(options["mailboxes"])]
