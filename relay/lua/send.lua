@@ -26,7 +26,8 @@ local n, b, s, m, e, recounted = load(idx, tally, msg_prefix)
 local fresh = n == e -- most likely a new index
 local now, now_ms = clock()
 local single = #ARGV == 11
-local longest, result = 0, nil
+local longest, kind, first, second = 0, 0, '', '' -- the longest expiry; a result
+local ttl_text, ttl = nil, 0 -- the last ttl parsed (the messages of a batch share theirs)
 local pending, results -- several messages: their index entries and results
 if not single then
   pending, results = {}, {}
@@ -44,17 +45,20 @@ for i = 1, 1 + (#ARGV - 11) / 5 do
     use_ref = record == '' and '0' or '1'
     fingerprint = string.sub(record, -TAG_BYTES) -- "<id> <expires_at_ms> <fingerprint>"
   end
-  local expires = now_ms + tonumber(ttl_ms)
+  if ttl_ms ~= ttl_text then
+    ttl_text, ttl = ttl_ms, tonumber(ttl_ms)
+  end
+  local expires = now_ms + ttl
   local value = tag .. '\n' .. envelope
   local size = #value
-  repeat -- `break` once `result` is known
+  repeat -- `break` once the result is known
     if use_ref == '1' then
       local prior = redis.call('SET', ref, record, 'PXAT', expires, 'NX', 'GET')
       if prior then
         if string.sub(prior, -#fingerprint - 1) ~= ' ' .. fingerprint then
-          result = {2}
+          kind, first, second = 2, '', ''
         else
-          result = {1, prior}
+          kind, first, second = 1, prior, ''
         end
         break
       end
@@ -63,7 +67,7 @@ for i = 1, 1 + (#ARGV - 11) / 5 do
       -- Run again with the same id (a retry after a lost reply): it is stored already.
       local stored = redis.call('ZSCORE', idx, id)
       if stored then
-        result = {0, stored}
+        kind, first, second = 0, stored, ''
         break
       end
       -- The tally may count expired messages: recount before refusing.
@@ -84,15 +88,15 @@ for i = 1, 1 + (#ARGV - 11) / 5 do
           redis.call('DEL', ref)
         end
         if n - e >= max_messages then
-          result = {-1, 'messages', max_messages}
+          kind, first, second = -1, 'messages', max_messages
         else
-          result = {-1, 'bytes', max_bytes}
+          kind, first, second = -1, 'bytes', max_bytes
         end
         break
       end
     end
     if not redis.call('SET', msg, value, 'PXAT', expires, 'NX') then
-      result = {0, redis.call('ZSCORE', idx, id)} -- run again with the same id
+      kind, first, second = 0, redis.call('ZSCORE', idx, id) or '', '' -- run again with the same id
       break
     end
     -- Sequence: microseconds of the Redis clock, strictly increasing per mailbox.
@@ -112,10 +116,10 @@ for i = 1, 1 + (#ARGV - 11) / 5 do
       m = expires
     end
     n, b, longest = n + 1, b + size, math.max(longest, expires)
-    result = {0, s}
+    kind, first, second = 0, s, ''
   until true
   if not single then -- flat: three values a message (the reply is cheaper to make)
-    results[3 * i - 2], results[3 * i - 1], results[3 * i] = result[1], result[2] or '', result[3] or ''
+    results[3 * i - 2], results[3 * i - 1], results[3 * i] = kind, first, second
   end
 end
 
@@ -125,12 +129,12 @@ if longest > 0 then
   end
   -- The index lives as long as its longest-lived message: extend, never shorten, and
   -- never leave it without a TTL (NX sets one only where there is none).
-  local first, second = 'GT', 'NX'
+  local try, otherwise = 'GT', 'NX'
   if fresh then
-    first, second = 'NX', 'GT'
+    try, otherwise = 'NX', 'GT'
   end
-  if redis.call('PEXPIREAT', idx, longest, first) == 0 then
-    redis.call('PEXPIREAT', idx, longest, second)
+  if redis.call('PEXPIREAT', idx, longest, try) == 0 then
+    redis.call('PEXPIREAT', idx, longest, otherwise)
   end
   save(tally, n, b, s, m, e, retention_ms, redis.call)
 elseif recounted then
@@ -141,6 +145,11 @@ elseif recounted then
   end
 end
 if single then
-  return result
+  if kind == 2 then
+    return {2}
+  elseif kind == -1 then
+    return {-1, first, second}
+  end
+  return {kind, first}
 end
 return results
