@@ -296,9 +296,10 @@ class RedisMailboxStore:
         flat = await self._script(FETCH, (keys.idx,), (keys.msg_prefix, after, limit))
         deliveries = []
         for i in range(0, len(flat), 2):
-            message_id = envelope_id(flat[i + 1])
+            envelope = flat[i + 1][TAG_BYTES + 1 :]  # a stored value is "<tag>\n<envelope>"
+            message_id = envelope_id(envelope)
             if message_id is not None:  # every envelope the store wrote has one
-                deliveries.append(Delivery(int(flat[i]), message_id, flat[i + 1]))
+                deliveries.append(Delivery(int(flat[i]), message_id, envelope))
         return deliveries
 
     async def ack(self, mailbox: str, ids: Sequence[str]) -> int:

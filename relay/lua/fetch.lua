@@ -1,7 +1,7 @@
 -- Read up to `limit` waiting messages with a sequence above `after`, oldest first,
 -- dropping index entries whose message has expired.
 -- KEYS: idx   ARGV: msg key prefix, after, limit
--- Returns a flat list {seq, envelope, seq, envelope, ...} (the envelopes without their tag).
+-- Returns a flat list {seq, value, seq, value, ...}: the stored values, `tag\nenvelope`.
 local idx, prefix, limit = KEYS[1], ARGV[1], tonumber(ARGV[3])
 local out, found = {}, 0
 local cursor = '(' .. ARGV[2]
@@ -16,10 +16,10 @@ while found < limit do
     keys[#keys + 1] = prefix .. batch[i]
   end
   local stale = {}
-  for k, envelope in ipairs(redis.call('MGET', unpack(keys))) do
-    if envelope then
+  for k, value in ipairs(redis.call('MGET', unpack(keys))) do
+    if value then
       out[#out + 1] = batch[2 * k]
-      out[#out + 1] = string.sub(envelope, TAG_BYTES + 2)
+      out[#out + 1] = value -- with its tag: taken off by the caller, for Lua would copy it
       found = found + 1
     else
       stale[#stale + 1] = batch[2 * k - 1]

@@ -16,6 +16,7 @@
 -- {-1, 'messages' | 'bytes', limit} when the mailbox is full. Returns the result of
 -- a lone message; for several, their results one after the other, each padded with ''
 -- to three values.
+local LONG_BYTES = 1024
 local idx, tally = KEYS[1], KEYS[2]
 local max_messages, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
 local channel, retention_ms = ARGV[6], ARGV[9]
@@ -49,8 +50,7 @@ for i = 1, 1 + (#ARGV - 11) / 5 do
     ttl_text, ttl = ttl_ms, tonumber(ttl_ms)
   end
   local expires = now_ms + ttl
-  local value = tag .. '\n' .. envelope
-  local size = #value
+  local size = TAG_BYTES + 1 + #envelope -- of the stored `tag .. '\n' .. envelope`
   repeat -- `break` once the result is known
     if use_ref == '1' then
       local prior = redis.call('SET', ref, record, 'PXAT', expires, 'NX', 'GET')
@@ -95,9 +95,15 @@ for i = 1, 1 + (#ARGV - 11) / 5 do
         break
       end
     end
-    if not redis.call('SET', msg, value, 'PXAT', expires, 'NX') then
+    -- A long envelope is appended rather than joined to its tag here: Lua would copy
+    -- and hash the whole body once more.
+    local long = #envelope > LONG_BYTES
+    if not redis.call('SET', msg, long and tag .. '\n' or tag .. '\n' .. envelope, 'PXAT', expires, 'NX') then
       kind, first, second = 0, redis.call('ZSCORE', idx, id) or '', '' -- run again with the same id
       break
+    end
+    if long then
+      redis.call('APPEND', msg, envelope)
     end
     -- Sequence: microseconds of the Redis clock, strictly increasing per mailbox.
     if below(s, now) then
