@@ -4,7 +4,8 @@ Keys of mailbox m, with the configurable prefix `relay:` (see README's "What is 
 
     relay:{m}:msg:<id>   string  "<tag>\n<envelope>"; PX = the message's ttl, set once
     relay:{m}:idx        zset    id -> seq; PX >= its longest-lived member's ttl
-    relay:{m}:tally      hash    n (pending count), b (pending bytes); PX = retention
+    relay:{m}:tally      hash    n, e, b, s, m: a cache of the index (counts, bytes, last
+                                 seq, soonest expiry; relay/lua/tally.lua); PX = retention
     relay:{m}:ref:<tag>  string  "<id> <expires_at_ms> <fingerprint>"; PX = the message's
                                  ttl, cut to the dedupe window when the message is acked
     relay:{m}:ch         channel the store publishes "<seq> <envelope>" on
@@ -16,7 +17,8 @@ request (recipients, body, ttl), so a reused ref with another request is told
 apart from a retry without keeping the body.
 
 Every write happens inside one Lua script per mailbox (relay/lua/), and every
-key it writes gets a TTL in the same script. Message ids start with the send
+key it writes gets a TTL in the same script; the sends to one mailbox that meet
+in a pump batch run as one script (`_join_sends`). Message ids start with the send
 time in hexadecimal milliseconds, so `relay audit` can tell a message's age
 from its key name without reading its body.
 """

@@ -189,6 +189,28 @@ async def test_a_tally_that_counts_too_little_heals_before_the_quota_is_passed(
     assert tally_of(redis_client, small, "bob")["n"] == "2"
 
 
+async def test_the_tally_counts_the_bytes_of_short_and_long_messages_exactly(
+    store: RedisMailboxStore, redis_client: RedisClient
+) -> None:
+    """Bodies over 1 KiB are stored (appended) and acked (measured) another way."""
+    keys = store.keys("bob")
+    t = now_ms()
+    bodies = ["short", "l" * 5000, "s" * 1000, "L" * 70_000]
+    with trio.fail_after(DEADLINE_S):
+        ids = [
+            (await store.send("alice", ["bob"], b, 600, f"r{n}", t)).ids["bob"]
+            for n, b in enumerate(bodies)
+        ]
+        sizes = [int(redis_client.strlen(keys.msg(i))) for i in ids]
+        assert tally_of(redis_client, store, "bob")["b"] == str(sum(sizes))
+        fetched = await store.fetch("bob", 0, 10)
+        assert [orjson.loads(d.envelope)["body"] for d in fetched] == bodies
+        assert await store.ack("bob", [ids[1], ids[2]]) == 2
+        assert tally_of(redis_client, store, "bob")["b"] == str(sizes[0] + sizes[3])
+        for n in (1, 2):  # their ref records are cut to the dedupe window
+            assert 0 < redis_client.pttl(keys.ref("alice", f"r{n}")) <= store.dedupe_window_s * 1000
+
+
 # -- sends that meet in one pump batch ----------------------------------------------------
 
 BLOCK = LuaScript("block", "local x = 0 for i = 1, tonumber(ARGV[1]) do x = x + i end return 1")
