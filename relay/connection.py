@@ -1,11 +1,12 @@
-"""From a WebSocket handshake to an authenticated session.
+"""From a WebSocket upgrade request to an authenticated session.
 
-Refuses a foreign `Origin` with HTTP 403 before the upgrade (a handshake without
-one is not from a browser, and is accepted), selects the
-`relay.v1` subprotocol when offered, and authenticates by the `Authorization:
-Bearer` header or by an `auth` frame sent first within `auth_timeout`. Every
-authentication failure closes with 4401 and the same reason; nothing else is
-processed before authentication succeeds.
+Serves only `/v1` (404 otherwise), refuses a foreign `Origin` with HTTP 403
+before the upgrade (a handshake without one is not from a browser, and is
+accepted), enforces the connection caps (503, 429 per client address),
+selects the `relay.v1` subprotocol when offered, and authenticates by the
+`Authorization: Bearer` header or by an `auth` frame sent first within
+`auth_timeout`. Every authentication failure closes with 4401 and the same
+reason; nothing else is processed before authentication succeeds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 import time
 
 import trio
-from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebSocketRequest
 
 from relay import protocol
 from relay.auth import Identity, Verifier
@@ -23,6 +23,7 @@ from relay.errors import AuthError, ClientError
 from relay.limits import client_address
 from relay.metrics import close_code_label
 from relay.session import CLOSE_TIMEOUT_S, Services, Session
+from relay.websocket import Upgrade, WebSocket
 
 log = logging.getLogger(__name__)
 
@@ -37,42 +38,48 @@ class Refused(Exception):
         self.code = code
 
 
-def _header(request: WebSocketRequest, name: bytes) -> str | None:
-    for key, value in request.headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
+class PeerLeft(Exception):
+    """The peer closed or broke the connection before authenticating."""
 
 
-async def handle_request(request: WebSocketRequest, services: Services, verifier: Verifier) -> None:
-    """Serve one connection to its end. Never raises: one client must not hurt the others."""
-    try:
-        address = await _admit(request, services)
-    except ConnectionClosed:
-        return
-    except Exception:
-        log.exception("handshake failed")
-        return
+async def handle_request(
+    upgrade: Upgrade, stream: trio.abc.Stream, peer: str, services: Services, verifier: Verifier
+) -> None:
+    """Serve one upgrade request to its end; the caller closes the stream afterwards.
+    A fault is logged here: one client must not hurt the others."""
+    address = await _admit(upgrade, stream, peer, services)
     if address is None:
         return
     # Counted from before the upgrade, so handshakes arriving together cannot pass a cap together.
     services.connections[address] += 1
     metrics = services.metrics
     metrics.connections_opened.inc()
+    config = services.config
     code: int = CloseCode.NORMAL
     try:
-        offered = SUBPROTOCOL in request.proposed_subprotocols
-        ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
+        offered = SUBPROTOCOL in upgrade.subprotocols
+        await stream.send_all(upgrade.accept(SUBPROTOCOL if offered else None))
+        received, upgrade.received = upgrade.received, b""
+        ws = WebSocket(
+            stream,
+            max_message_bytes=config.frame_limit_bytes,
+            send_timeout_s=config.send_timeout_s,
+            received=received,
+        )
+        del received
         try:
-            identity = await _authenticate(ws, request, services, verifier)
+            identity = await _authenticate(ws, upgrade, services, verifier)
         except Refused as refused:
             code = refused.code
-            with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await ws.aclose(refused.code, CLOSE_REASONS[refused.code])
+            await ws.aclose(code, CLOSE_REASONS[refused.code], CLOSE_TIMEOUT_S)
+            return
+        except PeerLeft:
+            code = ws.protocol.code or CloseCode.NORMAL
+            await ws.aclose(code, "", CLOSE_TIMEOUT_S)
             return
         code = await Session(ws, identity.mailbox, identity.expires_at_s, services).run()
-    except ConnectionClosed as closed:
-        code = closed.reason.code if closed.reason else CloseCode.NORMAL
+    except trio.BrokenResourceError:
+        code = 1006  # the peer hung up during the upgrade
     except Exception:
         log.exception("connection handler failed")
         code = 1011
@@ -83,49 +90,55 @@ async def handle_request(request: WebSocketRequest, services: Services, verifier
         metrics.connections_closed.labels(close_code_label(code)).inc()
 
 
-async def _admit(request: WebSocketRequest, services: Services) -> str | None:
+async def _admit(
+    upgrade: Upgrade, stream: trio.abc.Stream, peer: str, services: Services
+) -> str | None:
     """The client's address when the handshake may proceed; None after refusing it over HTTP."""
     config = services.config
-    if request.path.partition("?")[0] != PATH:
-        await _refuse(request, services, 404, b"the relay serves WebSockets at /v1\n")
-        return None
-    origin = _header(request, b"origin")
+    refusal: tuple[int, bytes] | None = None
+    address = peer
+    origin = upgrade.header(b"origin")
+    if upgrade.path.partition("?")[0] != PATH:
+        refusal = 404, b"the relay serves WebSockets at /v1\n"
     # No Origin: not a browser, so no cross-site risk; browsers always send one.
-    if config.allowed_origins and origin is not None and origin not in config.allowed_origins:
-        await _refuse(request, services, 403, b"origin not allowed\n")
-        return None
-    if services.connections.total() >= config.max_connections:
-        await _refuse(request, services, 503, b"too many connections\n")
-        return None
-    peer = request.remote.address if isinstance(request.remote, Endpoint) else request.remote
-    forwarded = _header(request, b"x-forwarded-for")
-    address = client_address(str(peer), forwarded, services.trusted_proxies)
-    if services.connections[address] >= config.max_connections_per_ip:
-        await _refuse(request, services, 429, b"too many connections from this address\n")
-        return None
-    return address
-
-
-async def _refuse(request: WebSocketRequest, services: Services, status: int, body: bytes) -> None:
+    elif config.allowed_origins and origin is not None and origin not in config.allowed_origins:
+        refusal = 403, b"origin not allowed\n"
+    elif services.connections.total() >= config.max_connections:
+        refusal = 503, b"too many connections\n"
+    else:
+        forwarded = upgrade.header(b"x-forwarded-for")
+        address = client_address(peer, forwarded, services.trusted_proxies)
+        if services.connections[address] >= config.max_connections_per_ip:
+            refusal = 429, b"too many connections from this address\n"
+    if refusal is None:
+        return address
+    status, body = refusal
     services.metrics.handshakes_refused.labels(str(status)).inc()
-    await request.reject(status, body=body)
+    await stream.send_all(upgrade.refuse(status, body))
+    return None
 
 
 async def _authenticate(
-    ws: WebSocketConnection, request: WebSocketRequest, services: Services, verifier: Verifier
+    ws: WebSocket, upgrade: Upgrade, services: Services, verifier: Verifier
 ) -> Identity:
-    header = _header(request, b"authorization")
+    header = upgrade.header(b"authorization")
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
             raise Refused(CloseCode.UNAUTHORIZED)
         return _verify(verifier, token.strip())
     with trio.move_on_after(services.config.auth_timeout_s):
-        message = await ws.get_message()
-        if not isinstance(message, str):
+        messages = await ws.receive()
+        while not messages:
+            if ws.protocol.ended:
+                raise PeerLeft
+            messages = await ws.receive()
+        first, rest = messages[0], messages[1:]
+        ws.unread(rest)  # sent after the auth frame: the session's, once it starts
+        if not isinstance(first, str):
             raise Refused(CloseCode.UNAUTHORIZED)
         try:
-            frame = protocol.parse_frame(message, services.limits)
+            frame = protocol.parse_frame(first, services.limits)
         except ClientError:
             raise Refused(CloseCode.UNAUTHORIZED) from None
         if not isinstance(frame, protocol.AuthFrame):

@@ -1,13 +1,15 @@
-"""Pure limits: a token bucket for frames, and the client address behind trusted proxies."""
+"""Pure limits: the frame budget of a connection, and the client address behind trusted proxies."""
 
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Sequence
 
 import attrs
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+ROUNDING = 1e-9  # a token refilled by float arithmetic may come out a hair short of 1
 
 
 @attrs.define
@@ -22,7 +24,7 @@ class TokenBucket:
     def take(self, now_s: float) -> bool:
         """Take one token; False when none is left (the frame is over the limit)."""
         self._refill(now_s)
-        if self.tokens >= 1:
+        if self.tokens >= 1 - ROUNDING:
             self.tokens -= 1
             return True
         return False
@@ -33,34 +35,64 @@ class TokenBucket:
             self.updated_s = now_s
 
 
-@attrs.define
-class FrameLimiter:
-    """Frames over the rate are refused; a client that keeps sending over it is abusive.
+MAX_DELAY_S = 1.0  # a frame that would wait longer than this for its budget is refused
+PATIENCE_BURSTS = 10  # held back without a break for this many bursts' worth: abusive
 
-    Each refused frame is a strike; strikes drain at the allowed rate, so only
-    a client that goes on sending much faster than allowed piles up more than
-    `burst` of them.
+
+@attrs.define
+class FrameBudget:
+    """How fast one connection's frames are handled (protocol.md, "Rate limits").
+
+    Frames within `rate_per_s` (with `burst` saved up) are handled at once.
+    Above it the connection is held back: `admit` says how long to wait, and
+    the relay reads nothing more from the connection meanwhile (its socket
+    fills), so a client flushing a queue is slowed down, not refused, and a
+    flood costs no more than the rate. A frame that would wait longer than
+    MAX_DELAY_S (a rate below one frame a second) is refused instead; each
+    refusal is a strike, strikes drain at the allowed rate, and more than
+    `burst` of them is abuse. So is being held back, read after read, for
+    longer than PATIENCE_BURSTS bursts' worth of the rate: a client that keeps
+    the relay's buffers full.
     """
 
     allowed: TokenBucket
     strikes: float = 0.0
     strikes_updated_s: float = 0.0
+    held_since_s: float | None = None  # the first wait of the current run of held-back reads
 
     @classmethod
-    def create(cls, rate_per_s: float, burst: float, now_s: float) -> FrameLimiter:
+    def create(cls, rate_per_s: float, burst: float, now_s: float) -> FrameBudget:
         return cls(TokenBucket(rate_per_s, burst, burst, now_s), strikes_updated_s=now_s)
 
-    def admit(self, now_s: float) -> bool:
-        if self.allowed.take(now_s):
-            return True
-        drained = (now_s - self.strikes_updated_s) * self.allowed.rate_per_s
+    @property
+    def patience_s(self) -> float:
+        return PATIENCE_BURSTS * self.allowed.burst / self.allowed.rate_per_s
+
+    def admit(self, now_s: float) -> float:
+        """0.0: handle the frame now (its token is taken); a positive number: wait that
+        many seconds, then ask again; math.inf: refuse the frame (a strike)."""
+        bucket = self.allowed
+        if bucket.take(now_s):
+            return 0.0
+        wait = (1 - bucket.tokens) / bucket.rate_per_s
+        if wait <= MAX_DELAY_S:
+            if self.held_since_s is None:
+                self.held_since_s = now_s
+            return wait
+        drained = (now_s - self.strikes_updated_s) * bucket.rate_per_s
         self.strikes = max(0.0, self.strikes - drained) + 1
         self.strikes_updated_s = now_s
-        return False
+        return math.inf
 
-    @property
-    def abusive(self) -> bool:
-        return self.strikes > self.allowed.burst
+    def read_done(self, held_back: bool) -> None:
+        """After the frames of one read: a read none of whose frames waited ends a run."""
+        if not held_back:
+            self.held_since_s = None
+
+    def abusive(self, now_s: float) -> bool:
+        if self.strikes > self.allowed.burst:
+            return True
+        return self.held_since_s is not None and now_s - self.held_since_s > self.patience_s
 
 
 def parse_networks(cidrs: Sequence[str]) -> tuple[Network, ...]:

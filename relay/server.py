@@ -20,7 +20,6 @@ from typing import Any
 import attrs
 import redis
 import trio
-from trio_websocket import wrap_server_stream
 
 from relay import PROTOCOL_VERSION, __version__, protocol
 from relay.auth import Verifier
@@ -28,7 +27,7 @@ from relay.codes import CloseCode
 from relay.config import Config
 from relay.connection import handle_request
 from relay.embedded import EmbeddedServer
-from relay.errors import RelayError, first_leaf
+from relay.errors import RelayError
 from relay.hub import Hub
 from relay.limits import parse_networks
 from relay.metrics import Metrics
@@ -45,22 +44,14 @@ from relay.redis_pump import RedisPump
 from relay.redis_sync import connect
 from relay.session import CLOSE_TIMEOUT_S, Services
 from relay.store_redis import Quota, RedisMailboxStore
-from relay.web_routes import (
-    HeadTooLarge,
-    ReplayStream,
-    head_too_large,
-    is_upgrade,
-    read_head,
-    respond,
-)
+from relay.web_routes import head_too_large, is_upgrade, respond
+from relay.websocket import BadUpgrade, HeadTooLarge, Upgrade, read_opening
 
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
 READINESS_TIMEOUT_S = 1.0
 SAMPLE_INTERVAL_S = 30.0
-RECEIVE_BUFFER_BYTES = 64 * 1024  # trio-websocket's 4 KiB default costs throughput
-MESSAGE_QUEUE_SIZE = 4
 
 
 @attrs.define(eq=False)
@@ -251,43 +242,54 @@ async def _serve_websockets(
 
 
 async def _serve_stream(services: Services, verifier: Verifier, stream: trio.abc.Stream) -> None:
-    """One TCP connection: the WebSocket handshake within the auth timeout, then the
-    request handler; the stream is closed in every case (also after a refused handshake).
-    A plain HTTP request (no Upgrade) is answered by web_routes: wsproto would answer it
-    400 before the path is known."""
+    """One TCP connection: its request head within the auth timeout; a plain HTTP request
+    is answered by web_routes, an upgrade goes to the connection handler. The stream is
+    closed in every case (also after a refused handshake)."""
     config = services.config
     try:
-        async with trio.open_nursery() as reader:  # trio-websocket's reader task runs here
-            request = None
-            with trio.move_on_after(config.auth_timeout_s):
-                try:
-                    head = await read_head(stream)
-                except HeadTooLarge:
-                    await stream.send_all(head_too_large())
-                    return
-                if not is_upgrade(head):
-                    if head:
-                        await stream.send_all(respond(head, demo=config.demo))
-                    return
-                request = await wrap_server_stream(
-                    reader,
-                    ReplayStream(stream, head),
-                    MESSAGE_QUEUE_SIZE,
-                    config.frame_limit_bytes,
-                    RECEIVE_BUFFER_BYTES,
-                )
-            if request is not None:
-                await handle_request(request, services, verifier)
-            reader.cancel_scope.cancel()
-    except* trio.BrokenResourceError as group:  # the peer hung up or broke TLS: misbehaviour
-        log.warning("connection broken by the peer: %s", first_leaf(group))
-    except* Exception:
+        upgrade = None
+        with trio.move_on_after(config.auth_timeout_s):
+            upgrade = await _read_upgrade(stream, config.demo)
+        if upgrade is not None:
+            await handle_request(upgrade, stream, peer_address(stream), services, verifier)
+    except trio.BrokenResourceError as exc:  # the peer hung up or broke TLS: misbehaviour
+        log.warning("connection broken by the peer: %s", exc)
+    except Exception:
         # A fault; never let one connection take the server down.
         log.exception("connection ended by an unexpected error")
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
             scope.shield = True
             await stream.aclose()
+
+
+async def _read_upgrade(stream: trio.abc.Stream, demo: bool) -> Upgrade | None:
+    """The upgrade request; None after answering a plain or a bad request."""
+    try:
+        head, received = await read_opening(stream)
+    except HeadTooLarge:
+        await stream.send_all(head_too_large())
+        return None
+    if not is_upgrade(head):
+        if head:
+            await stream.send_all(respond(head, demo=demo))
+        return None
+    try:
+        return Upgrade.parse(head, received)
+    except BadUpgrade as bad:
+        await stream.send_all(bad.response)
+        return None
+
+
+def peer_address(stream: trio.abc.Stream) -> str:
+    """The address of the peer, for the per-address connection cap."""
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if isinstance(inner, trio.SocketStream):
+        try:
+            return str(inner.socket.getpeername()[0])
+        except OSError:
+            pass
+    return repr(stream)
 
 
 async def _readiness(services: Services, pump: RedisPump) -> list[str]:

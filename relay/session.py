@@ -1,4 +1,18 @@
-"""One authenticated WebSocket: inbound frames, outbound delivery and keepalive in one nursery.
+"""One authenticated WebSocket: frames handled a batch at a time, delivery, keepalive.
+
+Reading. One task reads the connection, and the frames of one read are a
+batch. Its sends go to the store together (each its own store call, handed
+to the Redis pump in request order, so the pump pipelines them) and the task
+reads on while they are stored: a client with many sends in flight is not
+served one Redis round trip at a time. The batch's acks without a `ref` are
+merged into one store call. Answers go out in request order, whatever order
+Redis finished in. A connection above its frame budget is not read until the
+budget refills (limits.FrameBudget, protocol.md "Rate limits").
+
+Writing. Everything a batch answers, and everything delivery produced
+meanwhile, is queued in the WebSocket and written by its one writer with one
+`send_all`. Keepalive pings, the backstop re-read and token expiry come from
+the process's ticker: no task per timer.
 
 Delivery keeps a cursor (the sequence of the last message delivered in this
 session) and reads in order from two sources: the envelopes the hub hands over
@@ -7,30 +21,33 @@ mailbox in Redis whenever that stream may have a gap (session start, a full
 notice buffer, a pub/sub reconnect, the periodic backstop). Anything at or
 below the cursor was delivered already and is skipped, so a message is never
 repeated within a session. At most `max_inflight` messages are delivered and
-unacked; the rest wait in Redis, not here.
+unacked; the rest wait in Redis, not here. One `deliver` frame carries every
+message ready, up to `max_frame_bytes`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Sequence
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from relay import protocol
 from relay.codes import CLOSE_REASONS, CloseCode, ErrorCode
 from relay.config import Config
 from relay.errors import BadFrame, ClientError, RateLimited, RelayError, StorageError
 from relay.hub import REPLACED_PREFIX, Hub
-from relay.limits import FrameLimiter, Network
+from relay.limits import FrameBudget, Network
 from relay.logs import pseudonym
 from relay.metrics import Metrics
 from relay.store import MailboxStore
 from relay.ticker import Ticker
+from relay.websocket import Message, WebSocket
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +55,9 @@ FETCH_PAGE = 100  # messages read from Redis at a time
 NOTICE_BUFFER_BYTES = 256 * 1024  # envelopes held for a busy session before falling back to Redis
 CLOSE_TIMEOUT_S = 2.0
 STORAGE_RETRY_S = 1.0
+OUTPUT_HIGH_WATER = 1024 * 1024  # queued output above which reading and delivery wait
+MIN_PAUSE_S = 0.01  # a connection held back sleeps at least this long: fewer wake-ups
+PING_PAYLOAD = b"relay"
 
 
 def now_ms() -> int:
@@ -87,13 +107,25 @@ class Credits:
                 self._given.set()
 
 
+class _Slot:
+    """One answer's place in request order; `text` stays None until the answer is known."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str | None = None) -> None:
+        self.text = text
+
+
 class Session:
     __slots__ = (
         "__weakref__",
+        "_answers",
         "_cancel_scope",
         "_close_code",
         "_config",
         "_cursor",
+        "_delivering",
+        "_delivery_scope",
         "_established",
         "_expires",
         "_inflight",
@@ -103,18 +135,24 @@ class Session:
         "_notice_bytes",
         "_notices",
         "_nursery",
-        "_pinging",
+        "_ping_deadline",
+        "_pongs_at_ping",
+        "_requests_done",
+        "_requests_in_flight",
+        "_sends",
         "_services",
+        "_serving",
         "_token_expires_at_s",
+        "_turn",
+        "_turns",
         "_unacked",
-        "_wake",
         "id",
         "mailbox",
         "ws",
     )
 
     def __init__(
-        self, ws: WebSocketConnection, mailbox: str, token_expires_at_s: float, services: Services
+        self, ws: WebSocket, mailbox: str, token_expires_at_s: float, services: Services
     ) -> None:
         self.ws = ws
         self.mailbox = mailbox
@@ -129,12 +167,21 @@ class Session:
         self._notices: list[tuple[int, str, str]] = []
         self._notice_bytes = 0
         self._must_read = True  # read the mailbox from Redis before trusting notices
-        self._wake = trio.Event()
+        self._delivering = False  # the delivery task runs (only while there is work)
+        self._delivery_scope: trio.CancelScope | None = None
         self._established = False  # saw its own "replaced" notice come back
         self._close_code: CloseCode | None = None
-        self._cancel_scope = trio.CancelScope()
-        self._nursery: trio.Nursery | None = None
-        self._pinging = False
+        self._cancel_scope = trio.CancelScope()  # around subscribing, starting and reading
+        self._nursery: trio.Nursery | None = None  # the writer, delivery, store calls
+        self._serving = False  # welcomed, and still reading
+        self._requests_in_flight = 0
+        self._requests_done: trio.Event | None = None  # made while the end waits for them
+        self._answers: deque[_Slot] | None = None  # made by the first answer that must wait
+        self._sends = 0  # sends started, each numbered: its turn to reach the store
+        self._turn = 0  # the number of the next send to hand to the store
+        self._turns: dict[int, trio.Event] = {}  # sends that ran before their turn wait here
+        self._ping_deadline: float | None = None  # a ping is unanswered until then
+        self._pongs_at_ping = 0
         self._expires = self._next_ping = self._next_read = 0.0  # Trio clock; set at start
 
     # -- the hub's side ---------------------------------------------------
@@ -145,7 +192,7 @@ class Session:
             return
         self._notices.append((seq, message_id, envelope))
         self._notice_bytes += len(envelope)
-        self._wake.set()
+        self._deliver_soon()
 
     def on_replaced(self, session_id: str) -> None:
         """Redis orders the notices: one published after ours means a newer session."""
@@ -159,7 +206,7 @@ class Session:
         self._notice_bytes = 0
         self._must_read = True
         self._established = True
-        self._wake.set()
+        self._deliver_soon()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -176,36 +223,65 @@ class Session:
         if services.draining:
             self.close(CloseCode.GOING_AWAY)
         try:
-            with self._cancel_scope:
-                await services.hub.subscribe(self.mailbox, self)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
                 try:
-                    await self._serve()
+                    with self._cancel_scope:
+                        await self._serve_subscribed()
+                    self._stop_serving()
+                    # Ended by the relay: the client still reads, so answer what is being
+                    # stored (a store call ends within the Redis timeout). Ended by the
+                    # client: nothing could carry the answers.
+                    answered = False
+                    if self.ws.protocol.open and not self.ws.broken:
+                        with trio.move_on_after(self._config.redis_timeout_s):
+                            await self._requests_finished()
+                            answered = True
+                    if not answered:
+                        nursery.cancel_scope.cancel()
                 finally:
-                    services.hub.unsubscribe(self.mailbox, self)
-        except ConnectionClosed:
-            pass
+                    self._stop_serving()
+                    self.ws.finish_writing()  # never cut a write short: the Close follows
+        finally:
+            services.sessions.discard(self)
+            code = self._close_code or CloseCode.NORMAL
+            await self.ws.aclose(code, CLOSE_REASONS[code], CLOSE_TIMEOUT_S)
+        peer_code = self.ws.protocol.code
+        if self._close_code is None and peer_code is not None:
+            return peer_code
+        return code
+
+    async def _requests_finished(self) -> None:
+        while self._requests_in_flight:
+            self._requests_done = trio.Event()
+            await self._requests_done.wait()
+
+    def _request_ended(self) -> None:
+        self._requests_in_flight -= 1
+        if self._requests_done is not None and not self._requests_in_flight:
+            self._requests_done.set()
+
+    async def _serve_subscribed(self) -> None:
+        services = self._services
+        try:
+            await services.hub.subscribe(self.mailbox, self)
+            try:
+                await self._serve()
+            finally:
+                services.hub.unsubscribe(self.mailbox, self)
         except StorageError as exc:  # only the start raises it: the session never began
             log.warning("session %s cannot start: %s", pseudonym(self.mailbox), exc.message)
             self._close_code = self._close_code or CloseCode.TRY_AGAIN_LATER
         except RelayError as exc:
             log.warning("session %s ended: %s", pseudonym(self.mailbox), exc)
             self._close_code = self._close_code or CloseCode.GOING_AWAY
-        finally:
-            services.sessions.discard(self)
-            client_closed = self.ws.closed
-            with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
-                scope.shield = True
-                code = self._close_code or CloseCode.NORMAL
-                await self.ws.aclose(code, CLOSE_REASONS[code])
-        if self._close_code is None and client_closed is not None:
-            return client_closed.code
-        return code
 
     async def _serve(self) -> None:
         notice = REPLACED_PREFIX + self.id  # tells older sessions of the mailbox they are replaced
         start = await self._services.store.start_session(self.mailbox, notice)
         self._services.metrics.expired.inc(start.expired)
-        await self._send(
+        self.ws.send(
             protocol.encode_welcome(
                 self.mailbox,
                 self.id,
@@ -219,28 +295,33 @@ class Session:
             )
         )
         log.debug("session %s started, %d waiting", pseudonym(self.mailbox), start.waiting)
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._inbound)
-                nursery.start_soon(self._outbound)
-                now = trio.current_time()
-                self._expires = now + max(self._token_expires_at_s - time.time(), 0.0)
-                self._next_ping = now + self._config.ping_interval_s
-                self._next_read = now + self._config.backstop_drain_s  # inf: no backstop
-                self._services.ticker.at(min(self._next_ping, self._next_read, self._expires), self)
-        finally:
-            self._nursery = None  # the ticker may still hold this session: start nothing more
+        now = trio.current_time()
+        self._expires = now + max(self._token_expires_at_s - time.time(), 0.0)
+        self._next_ping = now + self._config.ping_interval_s
+        self._next_read = now + self._config.backstop_drain_s  # inf: no backstop
+        self._services.ticker.at(min(self._next_ping, self._next_read, self._expires), self)
+        self._serving = True
+        self._deliver_soon()
+        await self._read()
 
-    def _loop_ended(self) -> None:
-        """When one loop ends (the peer closed, say), the others stop too."""
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+    def _stop_serving(self) -> None:
+        """Reading ended: no more delivery (the ticker may still hold this session)."""
+        self._serving = False
+        if self._delivery_scope is not None:
+            self._delivery_scope.cancel()
+
+    def _deliver_soon(self) -> None:
+        """Start the delivery task unless it runs: it ends once nothing is left to deliver,
+        so an idle session holds no task for it."""
+        if not self._delivering and self._serving:
+            assert self._nursery is not None  # set while serving
+            self._delivering = True
+            scope = self._delivery_scope = trio.CancelScope()  # cancelled when reading ends
+            self._nursery.start_soon(self._deliver, scope)
 
     def tick(self, now: float) -> None:
         """The ticker's call: token expiry, the backstop re-read, the keepalive ping."""
-        nursery = self._nursery
-        if nursery is None or self._close_code is not None or nursery.cancel_scope.cancel_called:
+        if not self._serving or self._close_code is not None:
             return
         if now >= self._expires:
             self.close(CloseCode.UNAUTHORIZED)
@@ -249,147 +330,289 @@ class Session:
         if now >= self._next_read:
             # In case a notice was lost: read the mailbox from Redis.
             self._must_read = True
-            self._wake.set()
+            self._deliver_soon()
             self._next_read = now + config.backstop_drain_s
+        if self._ping_deadline is not None:
+            if self.ws.protocol.pongs > self._pongs_at_ping:
+                self._ping_deadline = None
+            elif now >= self._ping_deadline:
+                log.info("session %s answered no ping; closing", pseudonym(self.mailbox))
+                self.close(CloseCode.NORMAL)
+                return
         if now >= self._next_ping:
             self._next_ping = now + config.ping_interval_s
-            if not self._pinging:
-                self._pinging = True
-                nursery.start_soon(self._ping)
-        self._services.ticker.at(min(self._next_ping, self._next_read, self._expires), self)
+            if self._ping_deadline is None:
+                self._pongs_at_ping = self.ws.protocol.pongs
+                self._ping_deadline = now + config.idle_timeout_s
+                self.ws.ping(PING_PAYLOAD)
+        when = min(self._next_ping, self._next_read, self._expires)
+        if self._ping_deadline is not None:
+            when = min(when, self._ping_deadline)
+        self._services.ticker.at(when, self)
 
-    async def _send(self, text: str) -> None:
-        """Send a frame; a client that does not read within the deadline is closed (1008)."""
-        with trio.move_on_after(self._config.send_timeout_s) as scope:
-            await self.ws.send_message(text)
-        if scope.cancelled_caught:
-            log.warning("session %s too slow to read; closing", pseudonym(self.mailbox))
-            self.close(CloseCode.POLICY)
-            await trio.lowlevel.checkpoint()
+    # -- answers, in request order ------------------------------------------
+
+    def _answer(self, text: str) -> None:
+        """An answer known at once: written now, unless an earlier one is still pending."""
+        if self._answers:
+            self._answers.append(_Slot(text))
+        else:
+            self.ws.send(text)
+
+    def _reserve(self) -> _Slot:
+        """A place for an answer that comes later."""
+        if self._answers is None:
+            self._answers = deque()
+        slot = _Slot()
+        self._answers.append(slot)
+        return slot
+
+    def _fill(self, slot: _Slot, text: str) -> None:
+        """Give a reserved place its answer ("" for none); write what is now in order."""
+        slot.text = text
+        answers = self._answers
+        assert answers is not None  # reserved places live there
+        while answers and (done := answers[0].text) is not None:
+            answers.popleft()
+            if done:
+                self.ws.send(done)
+
+    def _reject(self, exc: ClientError, ref: str | None) -> None:
+        self._services.metrics.rejected.labels(exc.code.value).inc()
+        self._answer(protocol.encode_error(exc.code, exc.message, ref))
 
     # -- the loops --------------------------------------------------------
 
-    async def _inbound(self) -> None:
-        try:
-            config, metrics = self._config, self._services.metrics
-            limiter = FrameLimiter.create(
-                config.rate_limit_per_s, config.rate_burst, trio.current_time()
-            )
-            while True:
-                message = await self.ws.get_message()
-                frame: protocol.ClientFrame | None = None
-                admitted = limiter.admit(trio.current_time())  # every frame counts, good or bad
-                if not admitted and limiter.abusive:
-                    log.warning(
-                        "session %s kept sending over its rate limit; closing",
-                        pseudonym(self.mailbox),
-                    )
-                    self.close(CloseCode.POLICY)
-                    return
-                try:
-                    if isinstance(message, bytes):
-                        raise BadFrame("binary frames are reserved for a later protocol version")
-                    frame = protocol.parse_frame(message, self._services.limits)
-                    if not admitted:
-                        raise RateLimited(
-                            f"more than {config.rate_limit_per_s:g} frames/s (burst {config.rate_burst})"
-                        )
-                    await self._handle(frame)
-                except ClientError as exc:
-                    metrics.rejected.labels(exc.code.value).inc()
-                    ref = exc.ref if exc.ref is not None else getattr(frame, "ref", None)
-                    await self._send(protocol.encode_error(exc.code, exc.message, ref))
-                except ConnectionClosed:
-                    raise
-                except Exception:
-                    # A bug must not end the session, nor reach the client in detail.
-                    log.exception("session %s: frame failed", pseudonym(self.mailbox))
-                    metrics.rejected.labels(ErrorCode.INTERNAL.value).inc()
-                    ref = getattr(frame, "ref", None)
-                    await self._send(
-                        protocol.encode_error(ErrorCode.INTERNAL, "internal error", ref)
-                    )
-        except ConnectionClosed:
-            pass
-        finally:
-            self._loop_ended()
+    async def _writer(self) -> None:
+        await self.ws.run_writer()
+        if self.ws.stuck:
+            log.warning("session %s too slow to read; closing", pseudonym(self.mailbox))
+            self.close(CloseCode.POLICY)
+        elif self.ws.broken:
+            self._cancel_scope.cancel()  # the peer is gone: stop reading
 
-    async def _handle(self, frame: protocol.ClientFrame) -> None:
-        store = self._services.store
-        if isinstance(frame, protocol.SendFrame):
-            accepted = await store.send(
+    async def _read(self) -> None:
+        """The session's one reader: until the peer closes, or the session is closed."""
+        config, ws = self._config, self.ws
+        budget = FrameBudget.create(config.rate_limit_per_s, config.rate_burst, trio.current_time())
+        while not ws.protocol.ended and not ws.broken:
+            if ws.backlog_bytes >= OUTPUT_HIGH_WATER:
+                await ws.wait_backlog_below(OUTPUT_HIGH_WATER)
+            messages = await ws.receive()
+            if messages and not await self._handle_batch(messages, budget):
+                return
+
+    async def _handle_batch(self, messages: list[Message], budget: FrameBudget) -> bool:
+        """Handle the frames of one read; False when the session must end (abuse)."""
+        now = trio.current_time()
+        held_back = False
+        acks: list[tuple[protocol.AckFrame, int, _Slot | None]] = []
+        for index, message in enumerate(messages):
+            frame, error = self._parse(message)
+            released = self._release(frame.ids) if isinstance(frame, protocol.AckFrame) else 0
+            # An ack of messages delivered in this session is free: there are never more
+            # of those than deliveries, and a draining recipient must not be held back.
+            wait = 0.0 if released else budget.admit(now)
+            if 0 < wait < math.inf:
+                self._services.metrics.frames_delayed.inc()
+            while 0 < wait < math.inf:
+                held_back = True
+                self._start_acks(acks)  # what was admitted need not wait
+                acks = []
+                await trio.sleep(max(wait, MIN_PAUSE_S))
+                now = trio.current_time()
+                if budget.abusive(now):
+                    self._abusive("kept the relay's buffers full", messages[index:])
+                    return False
+                wait = budget.admit(now)
+            if wait == math.inf:
+                if budget.abusive(now):
+                    self._abusive("kept sending over its rate limit", [])
+                    return False
+                if error is None:
+                    error = self._rate_limited()
+            ref = getattr(frame, "ref", None)
+            if error is not None:
+                self._reject(error, error.ref if error.ref is not None else ref)
+            elif isinstance(frame, protocol.SendFrame):
+                self._start_send(frame)
+            elif isinstance(frame, protocol.AckFrame):
+                acks.append((frame, released, None if ref is None else self._reserve()))
+            else:
+                self._reject(BadFrame("already authenticated"), ref)
+        self._start_acks(acks)
+        budget.read_done(held_back)
+        return True
+
+    def _parse(self, message: Message) -> tuple[protocol.ClientFrame | None, ClientError | None]:
+        if isinstance(message, bytes):
+            return None, BadFrame("binary frames are reserved for a later protocol version")
+        try:
+            return protocol.parse_frame(message, self._services.limits), None
+        except ClientError as exc:
+            return None, exc
+
+    def _rate_limited(self) -> RateLimited:
+        config = self._config
+        return RateLimited(
+            f"more than {config.rate_limit_per_s:g} frames/s (burst {config.rate_burst})"
+        )
+
+    def _abusive(self, why: str, unread: list[Message]) -> None:
+        """Refuse the frames held back, and end the session with 1008."""
+        log.warning("session %s %s; closing", pseudonym(self.mailbox), why)
+        for message in unread:
+            frame, error = self._parse(message)
+            ref = error.ref if error is not None else getattr(frame, "ref", None)
+            self._reject(self._rate_limited(), ref)
+        self.close(CloseCode.POLICY)
+
+    def _release(self, ids: tuple[str, ...]) -> int:
+        """Forget these ids as delivered-and-unacked; how many were."""
+        released = 0
+        for message_id in ids:
+            if message_id in self._unacked:
+                self._unacked.remove(message_id)
+                released += 1
+        return released
+
+    def _start_send(self, frame: protocol.SendFrame) -> None:
+        assert self._nursery is not None  # set for the whole session
+        self._requests_in_flight += 1
+        self._nursery.start_soon(self._store_send, frame, self._reserve(), self._sends)
+        self._sends += 1
+
+    async def _store_send(self, frame: protocol.SendFrame, slot: _Slot, turn: int) -> None:
+        if turn != self._turn:  # Trio ran this task before an earlier send's
+            waiting = self._turns[turn] = trio.Event()
+            await waiting.wait()
+        self._turn += 1
+        if (following := self._turns.pop(self._turn, None)) is not None:
+            following.set()
+        # The next send runs once this task waits, and store.send hands its commands to
+        # the Redis pump before it first waits: sends reach Redis in request order.
+        metrics = self._services.metrics
+        try:
+            accepted = await self._services.store.send(
                 self.mailbox, frame.to, frame.body, frame.ttl_s, frame.ref, now_ms()
             )
-            if not accepted.duplicate:
-                self._services.metrics.accepted.inc(len(accepted.ids))
-            await self._send(
-                protocol.encode_accepted(
-                    frame.ref, accepted.ids, accepted.expires_at_ms, accepted.duplicate
-                )
-            )
-        elif isinstance(frame, protocol.AckFrame):
-            self._services.metrics.ack_frames.inc()
-            count = await store.ack(self.mailbox, frame.ids)
-            self._services.metrics.acked.inc(count)
-            released = 0
-            for message_id in frame.ids:
-                if message_id in self._unacked:
-                    self._unacked.remove(message_id)
-                    released += 1
-            self._inflight.give(released)
-            if frame.ref is not None:
-                await self._send(protocol.encode_acked(frame.ref, count))
+        except ClientError as exc:
+            metrics.rejected.labels(exc.code.value).inc()
+            ref = exc.ref if exc.ref is not None else frame.ref
+            text = protocol.encode_error(exc.code, exc.message, ref)
+        except Exception:
+            # A bug must not end the session, nor reach the client in detail.
+            log.exception("session %s: send failed", pseudonym(self.mailbox))
+            metrics.rejected.labels(ErrorCode.INTERNAL.value).inc()
+            text = protocol.encode_error(ErrorCode.INTERNAL, "internal error", frame.ref)
         else:
-            raise BadFrame("already authenticated")
-
-    async def _outbound(self) -> None:
-        try:
-            while True:
-                if not self._must_read and not self._notices:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    continue
-                wanted = FETCH_PAGE if self._must_read else min(len(self._notices), FETCH_PAGE)
-                slots = await self._inflight.take(wanted)
-                if self._must_read:
-                    self._must_read = False
-                    try:
-                        batch = await self._services.store.fetch(self.mailbox, self._cursor, slots)
-                    except StorageError as exc:
-                        log.warning(
-                            "session %s: %s; retrying", pseudonym(self.mailbox), exc.message
-                        )
-                        self._inflight.give(slots)
-                        self._must_read = True
-                        await trio.sleep(STORAGE_RETRY_S)
-                        continue
-                    if len(batch) == slots:
-                        self._must_read = True  # there may be more
-                    deliveries = [(d.seq, d.id, d.envelope) for d in batch]
-                else:
-                    deliveries = self._take_notices(slots)
-                self._inflight.give(slots - len(deliveries))
-                if deliveries:
-                    self._cursor = deliveries[-1][0]
-                    self._unacked.update(message_id for _, message_id, _ in deliveries)
-                    self._observe_delivery([seq for seq, _, _ in deliveries])
-                    for frame in protocol.encode_delivers(
-                        [envelope for _, _, envelope in deliveries],
-                        self._config.deliver_frame_bytes,
-                    ):
-                        await self._send(frame)
-        except ConnectionClosed:
-            pass
+            if not accepted.duplicate:
+                metrics.accepted.inc(len(accepted.ids))
+            text = protocol.encode_accepted(
+                frame.ref, accepted.ids, accepted.expires_at_ms, accepted.duplicate
+            )
         finally:
-            self._loop_ended()
+            self._request_ended()
+        self._fill(slot, text)
 
-    def _observe_delivery(self, seqs: list[int]) -> None:
+    def _start_acks(self, acks: list[tuple[protocol.AckFrame, int, _Slot | None]]) -> None:
+        """One store call for the acks without a ref; each with a ref needs its own count.
+        All start together, so they share a Redis pipeline."""
+        if not acks:
+            return
+        nursery = self._nursery
+        assert nursery is not None  # set for the whole session
+        self._services.metrics.ack_frames.inc(len(acks))
+        merged: list[str] = []
+        merged_released = 0
+        for frame, released, slot in acks:
+            if slot is None:
+                merged.extend(frame.ids)
+                merged_released += released
+            else:
+                self._requests_in_flight += 1
+                nursery.start_soon(self._store_ack, frame.ids, released, slot, frame.ref)
+        if merged:
+            self._requests_in_flight += 1
+            nursery.start_soon(self._store_ack, merged, merged_released, None, None)
+
+    async def _store_ack(
+        self, ids: Sequence[str], released: int, slot: _Slot | None, ref: str | None
+    ) -> None:
+        metrics = self._services.metrics
+        text = ""
+        try:
+            count = await self._services.store.ack(self.mailbox, ids)
+        except ClientError as exc:
+            metrics.rejected.labels(exc.code.value).inc()
+            text = protocol.encode_error(exc.code, exc.message, ref)
+        except Exception:
+            log.exception("session %s: ack failed", pseudonym(self.mailbox))
+            metrics.rejected.labels(ErrorCode.INTERNAL.value).inc()
+            text = protocol.encode_error(ErrorCode.INTERNAL, "internal error", ref)
+        else:
+            metrics.acked.inc(count)
+            if ref is not None:
+                text = protocol.encode_acked(ref, count)
+        finally:
+            # Given back even when the ack failed: the messages stay queued for a later
+            # session, and this one must not run out of window.
+            self._inflight.give(released)
+            self._request_ended()
+        if slot is not None:
+            self._fill(slot, text)
+        elif text:
+            self._answer(text)
+
+    async def _deliver(self, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await self._deliver_while_ready()
+        finally:
+            self._delivering = False
+            self._delivery_scope = None
+
+    async def _deliver_while_ready(self) -> None:
+        ws = self.ws
+        while self._must_read or self._notices:
+            if ws.backlog_bytes >= OUTPUT_HIGH_WATER:
+                await ws.wait_backlog_below(OUTPUT_HIGH_WATER)
+            wanted = FETCH_PAGE if self._must_read else min(len(self._notices), FETCH_PAGE)
+            slots = await self._inflight.take(wanted)
+            if self._must_read:
+                self._must_read = False
+                try:
+                    batch = await self._services.store.fetch(self.mailbox, self._cursor, slots)
+                except StorageError as exc:
+                    log.warning("session %s: %s; retrying", pseudonym(self.mailbox), exc.message)
+                    self._inflight.give(slots)
+                    self._must_read = True
+                    await trio.sleep(STORAGE_RETRY_S)
+                    continue
+                if len(batch) == slots:
+                    self._must_read = True  # there may be more
+                deliveries = [(d.seq, d.id, d.envelope) for d in batch]
+            else:
+                deliveries = self._take_notices(slots)
+            self._inflight.give(slots - len(deliveries))
+            if deliveries:
+                self._cursor = deliveries[-1][0]
+                self._unacked.update(message_id for _, message_id, _ in deliveries)
+                self._observe_delivery(deliveries)
+                for frame in protocol.encode_delivers(
+                    [envelope for _, _, envelope in deliveries],
+                    self._config.deliver_frame_bytes,
+                ):
+                    ws.send(frame)
+
+    def _observe_delivery(self, deliveries: list[tuple[int, str, str]]) -> None:
         """Sequences are the Redis clock in µs when the message was stored."""
         metrics = self._services.metrics
-        metrics.delivered.inc(len(seqs))
+        metrics.delivered.inc(len(deliveries))
         now_us = time.time_ns() // 1000
-        for seq in seqs:
-            metrics.delivery_latency.observe(max(now_us - seq, 0) / 1e6)
+        metrics.delivery_latency.observe_many(
+            max(now_us - seq, 0) / 1e6 for seq, _, _ in deliveries
+        )
 
     def _take_notices(self, limit: int) -> list[tuple[int, str, str]]:
         taken: list[tuple[int, str, str]] = []
@@ -403,16 +626,3 @@ class Session:
                 taken.append(notice)
         del self._notices[:used]
         return taken
-
-    async def _ping(self) -> None:
-        """One keepalive ping; a peer that answers none within idle_timeout is closed."""
-        try:
-            with trio.move_on_after(self._config.idle_timeout_s) as scope:
-                await self.ws.ping()
-            if scope.cancelled_caught:
-                log.info("session %s answered no ping; closing", pseudonym(self.mailbox))
-                self.close(CloseCode.NORMAL)
-        except ConnectionClosed:
-            pass
-        finally:
-            self._pinging = False

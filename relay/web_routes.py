@@ -1,10 +1,10 @@
 """Plain HTTP on the WebSocket port: `/relay.js`, `/relay.d.ts`, `/demo` (with `--demo`).
 
-wsproto answers a request without `Upgrade` with 400 before the relay sees its
-path, so `server._serve_stream` reads the request head first (bounded, with
-h11), answers plain requests here (files, 404) and hands upgrade requests on
-to trio-websocket with the bytes already read replayed (`ReplayStream`).
-Every other path is 404; the upgrade path stays `/v1` (connection.py).
+Pure functions from a request head to the complete response. The server reads
+the head of every request (relay.websocket.read_opening); one that asks for a
+WebSocket goes to the engine, any other is answered here (files, 404, 426 on
+`/v1`), and the connection closes after the response. The upgrade path stays
+`/v1` (connection.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from importlib import resources
 
 import attrs
 import h11
-import trio
 
-MAX_HEAD_BYTES = 16 * 1024
-RECEIVE_BYTES = 4096
+from relay.websocket import MAX_HEAD_BYTES
 
 
 @attrs.frozen
@@ -52,71 +50,9 @@ def web_file(path: str) -> WebFile | None:
     return WebFile(body, content_type, etag)
 
 
-class HeadTooLarge(Exception):
-    pass
-
-
-class ReplayStream(trio.abc.Stream):
-    """A stream whose first reads return bytes already read from it (the request head).
-
-    trio-websocket names a stream it does not know by its `repr()`; this one's is the
-    peer's address, so per-address connection caps keep working behind it."""
-
-    def __init__(self, stream: trio.abc.Stream, buffered: bytes) -> None:
-        self._stream = stream
-        self._buffered = buffered
-        self._peer = _peer_address(stream)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._buffered:
-            size = len(self._buffered) if max_bytes is None else max_bytes
-            data, self._buffered = self._buffered[:size], self._buffered[size:]
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self._stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-    def __repr__(self) -> str:
-        return self._peer
-
-
-def _peer_address(stream: trio.abc.Stream) -> str:
-    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if isinstance(inner, trio.SocketStream):
-        try:
-            return str(inner.socket.getpeername()[0])
-        except OSError:
-            pass
-    return repr(stream)
-
-
-async def read_head(stream: trio.abc.Stream) -> bytes:
-    """Bytes up to and including the end of the request head (maybe a little more);
-    fewer when the peer closed first. Raises HeadTooLarge past MAX_HEAD_BYTES."""
-    data = bytearray()
-    while (end := data.find(b"\r\n\r\n")) < 0:
-        if len(data) > MAX_HEAD_BYTES:
-            raise HeadTooLarge
-        chunk = await stream.receive_some(RECEIVE_BYTES)
-        if not chunk:
-            return bytes(data)
-        data += chunk
-    if end > MAX_HEAD_BYTES:
-        raise HeadTooLarge
-    return bytes(data)
-
-
 def is_upgrade(head: bytes) -> bool:
-    """Whether the request asks for a WebSocket (then trio-websocket handles it, also
-    its errors); a request h11 cannot parse is not one."""
+    """Whether the request asks for a WebSocket (then the engine handles it, also its
+    errors); a request h11 cannot parse is not one."""
     request = _parse(head)
     if request is None:
         return False

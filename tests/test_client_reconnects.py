@@ -255,15 +255,17 @@ async def test_a_fixed_token_that_runs_out_stops_the_client(relay: RestartableRe
 async def test_rate_limited_sends_are_retried_and_each_stored_once(
     redis_url: str, redis_client: RedisClient, prefix: str, tmp_path: Path
 ) -> None:
-    gus, ops, sends = unique("gus"), free_loopback_port(), 15
-    extra = ("--rate-limit", "40/s", "--rate-burst", "10", "--ops-port", str(ops))
+    # Below one frame a second a frame over the burst would wait longer than the relay
+    # delays one (protocol.md, "Rate limits"), so it is refused rather than slowed.
+    gus, ops, sends = unique("gus"), free_loopback_port(), 22
+    extra = ("--rate-limit", "0.5/s", "--rate-burst", "20", "--ops-port", str(ops))
     async with relay_process(redis_url, prefix, tmp_path / "relay.log", *extra) as process:
         with trio.fail_after(STEP_S):
             async with (
                 fast_client(process.url, token("alice")) as alice,
                 trio.open_nursery() as nursery,
             ):
-                for i in range(sends):  # 5 over the burst: refused, then sent again
+                for i in range(sends):  # 2 over the burst: refused, then sent again
                     nursery.start_soon(alice.send, gus, f"g{i}")
             limited = (await scrape(ops)).value(
                 "relay_requests_rejected_total", code="rate_limited"

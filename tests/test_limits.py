@@ -1,13 +1,22 @@
-"""Pure tests of relay/limits.py: the frame token bucket, the abuse rule, and the client
-address behind trusted proxies. Time is passed in as plain numbers."""
+"""Pure tests of relay/limits.py: the token bucket, the frame budget (delay, refusal and
+abuse rules), and the client address behind trusted proxies. Time is passed in as plain
+numbers."""
 
 from __future__ import annotations
 
 import ipaddress
+import math
 
 import pytest
 
-from relay.limits import FrameLimiter, TokenBucket, client_address, parse_networks
+from relay.limits import (
+    MAX_DELAY_S,
+    PATIENCE_BURSTS,
+    FrameBudget,
+    TokenBucket,
+    client_address,
+    parse_networks,
+)
 
 # -- TokenBucket --------------------------------------------------------------
 
@@ -46,63 +55,89 @@ def test_token_bucket_time_going_backwards_adds_nothing() -> None:
     assert bucket.take(10.5) is True
 
 
-# -- FrameLimiter ---------------------------------------------------------------
+# -- FrameBudget ----------------------------------------------------------------
 
 
-def test_frame_limiter_admits_the_burst_at_once_then_refuses() -> None:
-    limiter = FrameLimiter.create(rate_per_s=20, burst=10, now_s=0)
-    assert [limiter.admit(0) for _ in range(10)] == [True] * 10
-    assert limiter.admit(0) is False
-    assert not limiter.abusive
+def test_frame_budget_admits_the_burst_at_once_then_holds_back() -> None:
+    budget = FrameBudget.create(rate_per_s=20, burst=10, now_s=0)
+    assert [budget.admit(0) for _ in range(10)] == [0.0] * 10
+    assert budget.admit(0) == pytest.approx(0.05)  # one token at 20/s
+    assert budget.strikes == 0
+    assert not budget.abusive(0)
 
 
-def test_frame_limiter_sending_at_the_rate_is_never_refused() -> None:
-    limiter = FrameLimiter.create(rate_per_s=4, burst=1, now_s=0)
-    assert all(limiter.admit(i / 4) for i in range(1000))  # exactly 4 frames a second
-    assert limiter.strikes == 0
-    assert not limiter.abusive
+def test_frame_budget_sending_at_the_rate_is_never_held_back() -> None:
+    budget = FrameBudget.create(rate_per_s=4, burst=1, now_s=0)
+    assert all(budget.admit(i / 4) == 0.0 for i in range(1000))  # exactly 4 frames a second
+    assert budget.held_since_s is None
+    assert not budget.abusive(1000 / 4)
 
 
-def test_frame_limiter_flood_becomes_abusive_after_more_than_burst_refusals() -> None:
-    limiter = FrameLimiter.create(rate_per_s=20, burst=10, now_s=0)
+def test_frame_budget_a_held_back_frame_is_admitted_after_its_wait() -> None:
+    budget = FrameBudget.create(rate_per_s=10, burst=2, now_s=0)
+    assert budget.admit(0) == budget.admit(0) == 0.0
+    wait = budget.admit(0)
+    assert wait == pytest.approx(0.1)
+    assert budget.admit(wait) == 0.0
+    assert budget.held_since_s == 0
+
+
+def test_frame_budget_refuses_a_frame_that_would_wait_longer_than_the_max_delay() -> None:
+    budget = FrameBudget.create(rate_per_s=0.5, burst=1, now_s=0)  # a frame every 2 s
+    assert budget.admit(0) == 0.0
+    assert budget.admit(0) == math.inf
+    assert budget.strikes == 1
+    assert budget.admit(2.0 - MAX_DELAY_S) == pytest.approx(MAX_DELAY_S)  # now short enough
+
+
+def test_frame_budget_flood_of_refusals_becomes_abusive_after_more_than_burst() -> None:
+    budget = FrameBudget.create(rate_per_s=0.01, burst=3, now_s=0)
+    for _ in range(3):
+        assert budget.admit(0) == 0.0
+    for refused in range(1, 4):
+        assert budget.admit(0) == math.inf
+        assert not budget.abusive(0), f"abusive after only {refused} refusals"
+    assert budget.admit(0) == math.inf
+    assert budget.abusive(0)  # 4 strikes > burst 3
+
+
+def test_frame_budget_strikes_drain_at_the_allowed_rate() -> None:
+    budget = FrameBudget.create(rate_per_s=0.1, burst=4, now_s=0)
+    for _ in range(4):
+        budget.admit(0)
+    for _ in range(4):
+        assert budget.admit(0) == math.inf  # 4 strikes (a token takes 10 s > the max delay)
+    # 20 s later: 2 tokens back, and 2 strikes drained.
+    assert [budget.admit(20) for _ in range(2)] == [0.0, 0.0]
+    assert budget.admit(20) == math.inf
+    assert budget.strikes == pytest.approx(3)
+    assert not budget.abusive(20)
+
+
+def test_frame_budget_held_back_read_after_read_past_its_patience_is_abusive() -> None:
+    budget = FrameBudget.create(rate_per_s=20, burst=10, now_s=0)
+    assert budget.patience_s == pytest.approx(PATIENCE_BURSTS * 10 / 20)
+    now = 0.0
     for _ in range(10):
-        assert limiter.admit(0)
-    for refused in range(1, 11):
-        assert limiter.admit(0) is False
-        assert not limiter.abusive, f"abusive after only {refused} refusals"
-    assert limiter.admit(0) is False
-    assert limiter.abusive  # 11 strikes > burst 10
+        budget.admit(now)
+    while not budget.abusive(now):  # a flood: every read waits for its budget
+        now += budget.admit(now)
+        assert budget.admit(now) == 0.0
+        budget.read_done(held_back=True)
+        assert now < 2 * budget.patience_s, "a sustained flood never became abusive"
+    assert now > budget.patience_s  # not before its patience was spent
 
 
-def test_frame_limiter_strikes_drain_at_the_allowed_rate() -> None:
-    limiter = FrameLimiter.create(rate_per_s=20, burst=10, now_s=0)
-    for _ in range(10):
-        limiter.admit(0)
-    for _ in range(10):
-        assert limiter.admit(0) is False  # 10 strikes
-    # 0.25 s later: 5 tokens back, and 5 strikes drained.
-    assert [limiter.admit(0.25) for _ in range(5)] == [True] * 5
-    assert limiter.admit(0.25) is False
-    assert limiter.strikes == pytest.approx(6)
-    assert not limiter.abusive
-
-
-def test_frame_limiter_twice_the_rate_is_refused_in_part_but_not_abusive() -> None:
-    limiter = FrameLimiter.create(rate_per_s=2, burst=4, now_s=0)
-    admitted = [limiter.admit(i / 4) for i in range(2000)]  # 4 frames/s against 2/s
-    assert not limiter.abusive
-    assert sum(admitted) == pytest.approx(1000, abs=5)  # about the allowed rate gets through
-
-
-def test_frame_limiter_sustained_flood_at_four_times_the_rate_becomes_abusive() -> None:
-    limiter = FrameLimiter.create(rate_per_s=2, burst=4, now_s=0)
-    for i in range(200):
-        limiter.admit(i / 8)  # 8 frames/s against 2/s
-        if limiter.abusive:
-            break
-    else:
-        pytest.fail("a sustained flood at 4x the rate never became abusive")
-    assert i >= 4  # not before the burst was spent
+def test_frame_budget_a_read_that_did_not_wait_ends_the_run() -> None:
+    budget = FrameBudget.create(rate_per_s=20, burst=10, now_s=0)
+    for _ in range(11):
+        budget.admit(0)
+    budget.read_done(held_back=True)
+    assert budget.held_since_s == 0
+    assert budget.admit(1.0) == 0.0  # the client paused: its budget refilled
+    budget.read_done(held_back=False)
+    assert budget.held_since_s is None
+    assert not budget.abusive(100)
 
 
 # -- client_address -------------------------------------------------------------
