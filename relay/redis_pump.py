@@ -22,6 +22,12 @@ Failure model:
   recovers by itself once Redis is back;
 - a caller cancelled before its batch was sent is dropped from the batch; a
   caller cancelled later does not cancel the command, it only stops waiting.
+
+Commands that carry the same `Merge` key and meet in one batch run as one
+command (the store joins the sends to one mailbox into one script run: Redis
+then pays its fixed cost per script once). They are concurrent, so no caller
+can tell the joined run from separate ones; a failure of the joined command
+(an error reply, unconfirmed, unavailable) is each one's failure.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import attrs
@@ -56,15 +62,33 @@ class LuaScript:
 
 
 @attrs.frozen
+class Merge:
+    """Commands of one batch with equal `key` may run as `join(those commands)`; its
+    reply is the list of their replies, in order, or what `split(reply, count)` turns
+    into that list."""
+
+    key: Hashable
+    join: Callable[[Sequence[Command]], Command]
+    split: Callable[[Any, int], list[Any]] | None = None
+
+
+@attrs.frozen
 class Command:
     """One Redis command, or one script call when `script` is set."""
 
     args: tuple[Any, ...]
     script: LuaScript | None = None
+    merge: Merge | None = None
 
     @classmethod
-    def call(cls, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Command:
-        return cls(("EVALSHA", script.sha, len(keys), *keys, *args), script)
+    def call(
+        cls,
+        script: LuaScript,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        merge: Merge | None = None,
+    ) -> Command:
+        return cls(("EVALSHA", script.sha, len(keys), *keys, *args), script, merge)
 
 
 @attrs.define(eq=False)
@@ -211,25 +235,42 @@ class RedisPump:
     async def _execute(self, commands: list[Command]) -> list[Any]:
         """One pipeline, then a second for the scripts Redis did not know."""
         results: list[Any] = [None] * len(commands)
-        sent: list[int] = []
+        units: list[tuple[Command, list[int]]] = []  # what is sent, and whose reply it is
         packed: list[bytes] = []
-        for i, command in enumerate(commands):
+        for command, owners in _merged(commands):
             try:
                 packed.append(pack(command.args))
-                sent.append(i)
+                units.append((command, owners))
             except (TypeError, UnicodeError) as exc:  # this command cannot be sent at all
-                results[i] = redis.DataError(f"cannot encode the command: {exc}")
-        for i, reply in zip(sent, await self._pipeline(packed), strict=True):
-            results[i] = reply
+                if len(owners) == 1:
+                    results[owners[0]] = redis.DataError(f"cannot encode the command: {exc}")
+                    continue
+                for i in owners:  # each on its own, so that only the bad one fails
+                    try:
+                        packed.append(pack(commands[i].args))
+                        units.append((commands[i], [i]))
+                    except (TypeError, UnicodeError) as exc:
+                        results[i] = redis.DataError(f"cannot encode the command: {exc}")
+        replies = await self._pipeline(packed)
         missing = [
-            k for k, i in enumerate(sent) if isinstance(results[i], redis.exceptions.NoScriptError)
+            k
+            for k, reply in enumerate(replies)
+            if isinstance(reply, redis.exceptions.NoScriptError)
         ]
         if missing:
-            sources = {c.script.source for k in missing if (c := commands[sent[k]]).script}
+            sources = {c.script.source for k in missing if (c := units[k][0]).script}
             loads = [pack(("SCRIPT", "LOAD", source)) for source in sources]
             again = await self._pipeline(loads + [packed[k] for k in missing])
             for k, reply in zip(missing, again[len(loads) :], strict=True):
-                results[sent[k]] = reply
+                replies[k] = reply
+        for (_, owners), reply in zip(units, replies, strict=True):
+            if len(owners) == 1:
+                results[owners[0]] = reply
+                continue
+            merge = commands[owners[0]].merge
+            assert merge is not None
+            for i, own in zip(owners, _split(merge, reply, len(owners)), strict=True):
+                results[i] = own
         return results
 
     async def _pipeline(self, packed: list[bytes]) -> list[Any]:
@@ -285,6 +326,44 @@ class RedisPump:
                 return
             request.results = _failed(request, why)
             request.done.set()
+
+
+def _merged(commands: Sequence[Command]) -> list[tuple[Command, list[int]]]:
+    """The commands to send, each with the positions in `commands` it answers: those
+    that share a merge key are joined at the place of the first of them."""
+    units: list[tuple[Command, list[int]]] = []
+    groups: dict[Hashable, list[int]] = {}
+    for i, command in enumerate(commands):
+        if command.merge is None:
+            units.append((command, [i]))
+        elif (owners := groups.get(command.merge.key)) is not None:
+            owners.append(i)
+        else:
+            groups[command.merge.key] = owners = [i]
+            units.append((command, owners))
+    return [
+        (command.merge.join([commands[i] for i in owners]), owners)
+        if command.merge is not None and len(owners) > 1
+        else (command, owners)
+        for command, owners in units
+    ]
+
+
+def _split(merge: Merge, reply: Any, count: int) -> list[Any]:
+    """The replies of the `count` commands a joined one ran; an error of the joined
+    command (or a reply of the wrong shape) is each one's."""
+    if isinstance(reply, Exception):
+        return [reply] * count
+    try:
+        parts = merge.split(reply, count) if merge.split is not None else reply
+    except Exception as exc:  # a reply the split cannot read
+        parts = exc
+    if isinstance(parts, list) and len(parts) == count:
+        return parts
+    error = redis.ResponseError(
+        f"a joined command answered {type(reply).__name__}, not {count} replies"
+    )
+    return [error] * count
 
 
 def _failed(request: _Request, why: str) -> list[Any]:

@@ -4,7 +4,8 @@ Keys of mailbox m, with the configurable prefix `relay:` (see README's "What is 
 
     relay:{m}:msg:<id>   string  "<tag>\n<envelope>"; PX = the message's ttl, set once
     relay:{m}:idx        zset    id -> seq; PX >= its longest-lived member's ttl
-    relay:{m}:tally      hash    n (pending count), b (pending bytes); PX = retention
+    relay:{m}:tally      hash    n, e, b, s, m: a cache of the index (counts, bytes, last
+                                 seq, soonest expiry; relay/lua/tally.lua); PX = retention
     relay:{m}:ref:<tag>  string  "<id> <expires_at_ms> <fingerprint>"; PX = the message's
                                  ttl, cut to the dedupe window when the message is acked
     relay:{m}:ch         channel the store publishes "<seq> <envelope>" on
@@ -16,7 +17,8 @@ request (recipients, body, ttl), so a reused ref with another request is told
 apart from a retry without keeping the body.
 
 Every write happens inside one Lua script per mailbox (relay/lua/), and every
-key it writes gets a TTL in the same script. Message ids start with the send
+key it writes gets a TTL in the same script; the sends to one mailbox that meet
+in a pump batch run as one script (`_join_sends`). Message ids start with the send
 time in hexadecimal milliseconds, so `relay audit` can tell a message's age
 from its key name without reading its body.
 """
@@ -45,19 +47,19 @@ from relay.errors import (
     StorageUnavailable,
     Unconfirmed,
 )
-from relay.redis_pump import Command, LuaScript, RedisPump
+from relay.redis_pump import Command, LuaScript, Merge, RedisPump
 from relay.store import Accepted, Delivery, SessionStart, envelope_id
 
 
-def _load(name: str) -> LuaScript:
+def _load(name: str, *parts: str) -> LuaScript:
+    """A script of relay/lua/, after common.lua and the shared `parts` it uses."""
     lua = resources.files("relay") / "lua"
-    source = (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
-    return LuaScript(name, source)
+    files = ("common", *parts, name)
+    return LuaScript(name, "\n".join((lua / f"{f}.lua").read_text() for f in files))
 
 
-SEND, FETCH, ACK, START, EPOCH, UNSEND = (
-    _load(n) for n in ("send", "fetch", "ack", "start", "epoch", "unsend")
-)
+SEND, START = _load("send", "tally"), _load("start", "tally")
+FETCH, ACK, EPOCH, UNSEND = (_load(n) for n in ("fetch", "ack", "epoch", "unsend"))
 
 TAG_BYTES = 22  # as in common.lua
 NO_REF = "." * TAG_BYTES  # the tag of a message sent without a ref (not base64url)
@@ -199,9 +201,14 @@ class RedisMailboxStore:
                 request,
                 tag,
             )
+            # Sends to one mailbox that meet in a pump batch run as one script.
+            merge = Merge((SEND.sha, keys.idx, *args[3:6], args[8]), _join_sends, _split_sends)
             commands.append(
                 Command.call(
-                    SEND, (keys.idx, keys.tally, keys.msg(message_id), keys.ref_prefix + tag), args
+                    SEND,
+                    (keys.idx, keys.tally, keys.msg(message_id), keys.ref_prefix + tag),
+                    args,
+                    merge,
                 )
             )
         commands.extend(self._epoch_refresh())
@@ -291,9 +298,10 @@ class RedisMailboxStore:
         flat = await self._script(FETCH, (keys.idx,), (keys.msg_prefix, after, limit))
         deliveries = []
         for i in range(0, len(flat), 2):
-            message_id = envelope_id(flat[i + 1])
+            envelope = flat[i + 1][TAG_BYTES + 1 :]  # a stored value is "<tag>\n<envelope>"
+            message_id = envelope_id(envelope)
             if message_id is not None:  # every envelope the store wrote has one
-                deliveries.append(Delivery(int(flat[i]), message_id, flat[i + 1]))
+                deliveries.append(Delivery(int(flat[i]), message_id, envelope))
         return deliveries
 
     async def ack(self, mailbox: str, ids: Sequence[str]) -> int:
@@ -326,6 +334,33 @@ class RedisMailboxStore:
             return await self.pump.run_script(script, keys, args)
         except redis.RedisError as exc:
             raise _storage_error(exc) from exc
+
+
+def _join_sends(commands: Sequence[Command]) -> Command:
+    """Sends to one mailbox as one run of send.lua: the first with all its keys and
+    arguments, each further one with the arguments of its own (send.lua's layout)."""
+    keys: list[Any] = []
+    args: list[Any] = []
+    for command in commands:
+        count = command.args[2]
+        own_keys, own_args = command.args[3 : 3 + count], command.args[3 + count :]
+        if not keys:
+            keys, args = list(own_keys), list(own_args)
+        else:  # id, envelope, ttl, ref record ('' for none), tag
+            record = own_args[7] if own_args[6] == "1" else ""
+            args += (own_args[0], own_args[1], own_args[2], record, own_args[10])
+    return Command.call(SEND, keys, args)
+
+
+def _split_sends(reply: Any, count: int) -> list[Any]:
+    """The result of each send of a joined send.lua run, shaped as a lone run's."""
+    results = []
+    for i in range(0, 3 * count, 3):
+        kind, first, second = reply[i : i + 3]
+        results.append(
+            [kind, first, second] if kind == -1 else [kind, first] if kind < 2 else [kind]
+        )
+    return results
 
 
 def _storage_error(exc: Exception) -> Exception:

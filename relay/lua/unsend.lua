@@ -10,5 +10,5 @@ if ARGV[2] == '1' then
   redis.call('DEL', ref)
 end
 local removed = redis.call('ZREM', idx, ARGV[1])
-release(idx, tally, removed, size)
+release(tally, removed, size)
 return removed
