@@ -4,7 +4,8 @@ Callers `await pump.execute(...)`; one pump task takes every command pending
 at that moment, writes them as one pipeline, reads the replies in order, and
 hands each caller its own. At low load a batch holds one command (one round
 trip); under load batches grow while the Trio loop serves WebSockets during
-each round trip, and throughput follows.
+each round trip, and throughput follows. Under load a batch also waits a few
+scheduler passes while other tasks keep adding to it (`_next_batch`).
 
 Failure model:
 - a command that fails (a Lua error, a wrong type) fails only its own caller;
