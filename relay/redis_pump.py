@@ -4,7 +4,8 @@ Callers `await pump.execute(...)`; one pump task takes every command pending
 at that moment, writes them as one pipeline, reads the replies in order, and
 hands each caller its own. At low load a batch holds one command (one round
 trip); under load batches grow while the Trio loop serves WebSockets during
-each round trip, and throughput follows.
+each round trip, and throughput follows. Under load a batch also waits a few
+scheduler passes while other tasks keep adding to it (`_next_batch`).
 
 Failure model:
 - a command that fails (a Lua error, a wrong type) fails only its own caller;
@@ -46,6 +47,8 @@ from relay.errors import StorageUnavailable, Unconfirmed
 from relay.redis_conn import ConnectionLost, RedisConnection, pack
 
 log = logging.getLogger(__name__)
+
+COALESCE_PASSES = 4  # scheduler passes a batch waits at most for more requests
 
 
 @attrs.frozen
@@ -130,6 +133,7 @@ class RedisPump:
         self._on_batch = on_batch
         self._connection: RedisConnection | None = None
         self._broken: str | None = None  # why the last batch lost its connection
+        self._loaded = False  # the last batch held several requests
         self._batches = 0
         self._commands = 0
         self._last_batch_size = 0
@@ -202,16 +206,33 @@ class RedisPump:
                 await self._connection.aclose()
 
     async def _next_batch(self) -> list[_Request]:
-        """Wait for one request, then take every request already pending, up to max_batch."""
+        """Wait for one request, then take every request pending, up to max_batch.
+        Under load (the last batch held several requests), then let the other tasks run
+        and take theirs too, until two scheduler passes in a row bring nothing (at most
+        COALESCE_PASSES passes): requests that tasks start one after another (a
+        session's sends, each starting the next) leave together, in fewer and larger
+        pipelines, and a session's sends to one mailbox run as one script. A lone
+        request after a quiet spell leaves at once."""
         batch = [await self._receive.receive()]
         size = len(batch[0].commands)
-        while size < self._max_batch:
-            try:
-                request = self._receive.receive_nowait()
-            except trio.WouldBlock:
+        idle = 0
+        for passes in range(COALESCE_PASSES + 1):
+            taken = size
+            while size < self._max_batch:
+                try:
+                    request = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch.append(request)
+                size += len(request.commands)
+            idle = idle + 1 if passes and size == taken else 0
+            if size >= self._max_batch or passes == COALESCE_PASSES or idle == 2:
                 break
-            batch.append(request)
-            size += len(request.commands)
+            if not self._loaded and len(batch) == 1:
+                break
+            # The requests taken must be answered: this pass cannot be cancelled.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        self._loaded = len(batch) > 1
         return batch
 
     async def _run_batch(self, batch: list[_Request]) -> None:

@@ -125,3 +125,37 @@ async def test_concurrent_callers_meeting_in_one_batch_are_joined(
                 nursery.start_soon(caller, n)
     assert results == {n: n for n in range(1, 21)}
     assert runs(redis_client) - before == 2  # the block, and the twenty callers as one
+
+
+async def test_requests_that_tasks_start_one_after_another_leave_in_one_batch(
+    redis_url: str, prefix: str, nursery: trio.Nursery
+) -> None:
+    """As a session starts its sends: each task starts the next before it waits. Under
+    load the pump lets the tasks run before it sends, so they share a batch (and sends
+    to one mailbox a script); a lone request after a quiet spell leaves at once."""
+    sizes: list[int] = []
+    pump = RedisPump(redis_url, on_batch=lambda size, _elapsed_s: sizes.append(size))
+    await nursery.start(pump.run)
+    turns = [trio.Event() for _ in range(5)]
+    replies: list[int] = []
+
+    async def caller(n: int) -> None:
+        await turns[n].wait()
+        if n + 1 < len(turns):
+            turns[n + 1].set()  # the next one runs on the scheduler's next pass
+        replies.append(await pump.execute("INCR", f"{prefix}n"))
+
+    with trio.fail_after(DEADLINE_S):
+        # Under load: the pump waits for more only after a batch of several requests.
+        await pump.execute_many([Command(("PING",))])
+        async with trio.open_nursery() as callers:
+            for _ in range(2):
+                callers.start_soon(pump.execute, "PING")
+        assert sizes == [1, 2]
+        async with trio.open_nursery() as callers:
+            for n in range(len(turns)):
+                callers.start_soon(caller, n)
+            await trio.testing.wait_all_tasks_blocked()
+            turns[0].set()
+    assert sorted(replies) == [1, 2, 3, 4, 5]
+    assert sizes == [1, 2, 5]
