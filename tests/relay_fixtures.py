@@ -204,11 +204,15 @@ async def receive_until(client: RelaySession, body: str) -> list[Message]:
     return got
 
 
-async def poll_until(condition: Callable[[], bool], interval_s: float = 0.05) -> None:
-    """Wait until `condition()` holds, checking every `interval_s`; for state no frame
-    announces (a Redis TTL running out, a subprocess coming up). Callers set the deadline."""
+async def poll_until(
+    condition: Callable[[], bool | Awaitable[bool]], interval_s: float = 0.05
+) -> None:
+    """Wait until `condition()` holds (it may be async), checking every `interval_s`; for
+    state no frame announces (a Redis TTL running out, a subprocess coming up, an HTTP
+    endpoint changing). Callers set the deadline."""
     while True:
-        if condition():
+        held = condition()
+        if held if isinstance(held, bool) else await held:
             return
         await trio.sleep(interval_s)
 

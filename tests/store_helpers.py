@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import trio
+from relay_fixtures import poll_until
 
 from relay.redis_sync import RedisClient
 from relay.store_redis import Quota, RedisMailboxStore
@@ -51,7 +52,4 @@ def ref_keys(client: RedisClient, store: RedisMailboxStore, mailbox: str) -> lis
 async def wait_until_gone(client: RedisClient, *keys: str, timeout_s: float = 5.0) -> None:
     """Poll until Redis has expired these keys (a real TTL runs out; no mock clock)."""
     with trio.fail_after(timeout_s):
-        while True:
-            if client.exists(*keys) == 0:
-                return
-            await trio.sleep(0.05)
+        await poll_until(lambda: client.exists(*keys) == 0)

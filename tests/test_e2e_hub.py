@@ -64,10 +64,13 @@ async def test_an_idle_relay_stays_ready_over_many_heartbeats(
     mode's reply: both are a heartbeat."""
     caplog.set_level(logging.INFO, logger="relay")
     relay = await make_relay(ops_port=free_loopback_port(), hub_heartbeat_s=0.02)
+
+    async def twenty_heartbeats_while_ready() -> bool:
+        assert (await http(relay.ops_port, "/readyz")).status == 200
+        return relay.services.hub.heartbeats >= 20
+
     with trio.fail_after(DEADLINE_S):
-        while relay.services.hub.heartbeats < 20:
-            assert (await http(relay.ops_port, "/readyz")).status == 200
-            await trio.sleep(0.02)
+        await poll_until(twenty_heartbeats_while_ready, 0.02)
     hub_was_never_lost(relay, caplog)
 
 
@@ -85,12 +88,16 @@ async def test_a_subscribed_relay_counts_its_heartbeats_too(
 
 async def wait_for(port: int, path: str, status: int, timeout_s: float = 3 * DEADLINE_S) -> bytes:
     """Poll `path` until it answers `status`; its body."""
+    response = await http(port, path)
+
+    async def answers() -> bool:
+        nonlocal response
+        response = await http(port, path)
+        return response.status == status
+
     with trio.fail_after(timeout_s):
-        while True:
-            response = await http(port, path)
-            if response.status == status:
-                return response.body
-            await trio.sleep(0.05)
+        await poll_until(answers)
+    return response.body
 
 
 async def test_a_redis_that_hangs_up_or_never_answers_is_retried_and_reported(

@@ -14,10 +14,10 @@ import pytest
 import trio
 from relay_fixtures import (
     DEADLINE_S,
-    HttpResponse,
     RelayFactory,
     http,
     open_stalled_socket,
+    poll_until,
     raw_session,
     relay_config,
     request,
@@ -40,14 +40,13 @@ pytest_plugins = ["relay_fixtures"]
 
 async def wait_for_status(port: int, path: str, status: int, timeout_s: float) -> None:
     """Poll `path` until it answers `status`; /healthz must stay 200 all along."""
-    last: HttpResponse | None = None
+
+    async def answers() -> bool:
+        assert (await http(port, "/healthz")).status == 200
+        return (await http(port, path)).status == status
+
     with trio.fail_after(timeout_s):
-        while True:
-            last = await http(port, path)
-            assert (await http(port, "/healthz")).status == 200
-            if last.status == status:
-                return
-            await trio.sleep(0.05)
+        await poll_until(answers)
 
 
 # -- the ops endpoints -------------------------------------------------------------
@@ -88,13 +87,18 @@ async def test_metrics_counters_move_by_exactly_the_traffic_sent(make_relay: Rel
             assert [m.id for m in received] == ids
             assert await receiver.ack([*ids, "0-unknown"]) == 4
 
+    after = before
+
+    async def both_closes_counted() -> bool:
+        # The relay counts a close once the connection handler has ended.
+        nonlocal after
+        after = await scrape(relay.ops_port)
+        closed = after.value("relay_connections_closed_total", code="1000")
+        return closed - before.value("relay_connections_closed_total", code="1000") >= 2
+
+    after = before
     with trio.fail_after(DEADLINE_S):
-        while True:  # the relay counts a close once the connection handler has ended
-            after = await scrape(relay.ops_port)
-            closed = after.value("relay_connections_closed_total", code="1000")
-            if closed - before.value("relay_connections_closed_total", code="1000") >= 2:
-                break
-            await trio.sleep(0.05)
+        await poll_until(both_closes_counted)
 
     def moved(name: str, **labels: str) -> float:
         return after.value(name, **labels) - before.value(name, **labels)

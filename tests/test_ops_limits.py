@@ -19,6 +19,7 @@ from relay_fixtures import (
     DEADLINE_S,
     RelayFactory,
     open_stalled_socket,
+    poll_until,
     raw_session,
     raw_ws,
     recv,
@@ -265,14 +266,17 @@ async def test_slow_consumer_is_closed_with_1008_and_its_messages_stay_queued(
                     accepted = await client.send(slow, f"{i:04d}" + "x" * (60 * 1024))
                     ids.append(accepted["ids"][slow])
 
+        after = before
+
+        async def closed_1008() -> bool:
+            nonlocal after
+            after = await scrape(relay.ops_port)
+            counted = after.value("relay_connections_closed_total", code="1008")
+            return counted > before.value("relay_connections_closed_total", code="1008")
+
+        after = before
         with trio.fail_after(DEADLINE_S):
-            while True:
-                after = await scrape(relay.ops_port)
-                if after.value("relay_connections_closed_total", code="1008") > before.value(
-                    "relay_connections_closed_total", code="1008"
-                ):
-                    break
-                await trio.sleep(0.05)
+            await poll_until(closed_1008)
             await read_until_closed(stalled)  # and the relay did close the socket
 
     assert after.value("relay_connections_closed_total", code="1008") == 1

@@ -18,6 +18,7 @@ from relay_fixtures import (
     RelayFactory,
     http,
     keys_under,
+    poll_until,
     raw_session,
     unsigned_token,
 )
@@ -66,12 +67,16 @@ def leftovers(redis_client: RedisClient, prefix: str, mailbox: str) -> list[str]
 
 async def policy_showing(port: int, epoch: str) -> HttpResponse:
     """Poll the public policy until it states `epoch` (it follows Redis within a second)."""
+    response = await http(port, POLICY)
+
+    async def states_it() -> bool:
+        nonlocal response
+        response = await http(port, POLICY)
+        return bool(orjson.loads(response.body)["epoch"] == epoch)
+
     with trio.fail_after(DEADLINE_S):
-        while True:
-            response = await http(port, POLICY)
-            if orjson.loads(response.body)["epoch"] == epoch:
-                return response
-            await trio.sleep(0.1)
+        await poll_until(states_it, 0.1)
+    return response
 
 
 # -- relay probe, end to end -------------------------------------------------------
