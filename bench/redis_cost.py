@@ -1,6 +1,6 @@
 """What Redis itself spends per relayed message: commands and CPU, this checkout against another.
 
-Drives the real mailbox store (relay.store_redis on relay.redis_pump) against a
+Drives the real mailbox store (relay.store_redis on relay.redis.pump) against a
 fresh Valkey for every run (bench/redis_cost_worker.py), and reads what Redis
 did from `INFO commandstats` (calls, counting the commands that scripts run) and
 `INFO cpu` (used_cpu_user + used_cpu_sys). Workloads:
@@ -50,7 +50,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from relay.embedded import EmbeddedServer, valkey_binary
-from relay.redis_sync import RedisClient, connect
+from relay.redis.admin import RedisClient, connect
 
 WORKLOADS = ("online", "pairs", "backlog")
 SCRIPT_COMMANDS = ("evalsha", "eval", "fcall")

@@ -20,8 +20,8 @@ from typing import Any
 
 import trio
 
-from relay.redis_conn import RedisConnection, pack
-from relay.redis_pump import RedisPump
+from relay.redis.connection import RedisConnection, pack
+from relay.redis.pump import RedisPump
 from relay.store_redis import RedisMailboxStore
 
 PREFIX = "cost:"

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from relay.redis_sync import connect
+from relay.redis.admin import connect
 
 SCAN_COUNT = 1000
 MAX_SCANS = 200  # bounds one sample: at most this many SCAN round trips

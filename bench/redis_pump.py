@@ -3,7 +3,7 @@
 50 concurrent Trio tasks each run `SET key value EX 60` until the total is
 reached, against a private embedded Valkey on a unix socket. Three ways:
 
-- `pump`: relay.redis_pump.RedisPump (what the relay uses: batches on one
+- `pump`: relay.redis.pump.RedisPump (what the relay uses: batches on one
   Trio-native connection, hiredis packing and parsing);
 - `thread_per_command`: one `trio.to_thread.run_sync` call per command on a
   shared redis-py client (its connection pool);
@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from relay.embedded import EmbeddedServer
-from relay.redis_pump import RedisPump
-from relay.redis_sync import RedisClient, connect
+from relay.redis.admin import RedisClient, connect
+from relay.redis.pump import RedisPump
 
 
 def _workload(commands: int, tasks: int, seed: int) -> list[list[tuple[str, ...]]]:

@@ -21,14 +21,14 @@ from typing import Any
 import attrs
 import orjson
 
-from relay.redis_checks import (
+from relay.redis.admin import RedisClient
+from relay.redis.checks import (
     NOTHING_ALLOWED,
     Allowed,
     RedisSettings,
     evaluate_settings,
     read_settings,
 )
-from relay.redis_sync import RedisClient
 from relay.store_redis import glob_escape, message_sent_ms
 
 BATCH = 1000

@@ -27,8 +27,8 @@ from relay.cli_keys import add_keygen_command
 from relay.config import Subparsers
 from relay.errors import RelayError, first_leaf
 from relay.probe_cli import add_probe_command
-from relay.redis_checks import redis_allowances
-from relay.redis_sync import connect
+from relay.redis.admin import connect
+from relay.redis.checks import redis_allowances
 from relay.server import serve_until_signal
 from relay.workers import run_supervisor
 

@@ -34,7 +34,7 @@ import orjson
 import trio
 
 from relay.errors import StorageUnavailable
-from relay.redis_conn import RedisConnection, pack
+from relay.redis.connection import RedisConnection, pack
 from relay.store import envelope_id
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ import trio
 from relay import PROTOCOL_VERSION, __version__
 from relay.config import Config
 from relay.errors import RelayError
-from relay.redis_checks import RedisSettings, Verdict, redis_allowances, verdicts
-from relay.redis_pump import RedisPump
+from relay.redis.checks import RedisSettings, Verdict, redis_allowances, verdicts
+from relay.redis.pump import RedisPump
 from relay.web_routes import WebFile
 
 log = logging.getLogger(__name__)

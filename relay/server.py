@@ -33,14 +33,14 @@ from relay.limits import parse_networks
 from relay.metrics import Metrics
 from relay.ops import OpsEndpoints, serve_ops
 from relay.policy_document import PolicyDocument
-from relay.redis_checks import (
+from relay.redis.admin import connect
+from relay.redis.checks import (
     RedisSettings,
     check_settings,
     read_settings,
     redis_allowances,
 )
-from relay.redis_pump import RedisPump
-from relay.redis_sync import connect
+from relay.redis.pump import RedisPump
 from relay.session import CLOSE_TIMEOUT_S, Services
 from relay.store_redis import Quota, RedisMailboxStore
 from relay.web_routes import WebFile, head_too_large, is_upgrade, respond

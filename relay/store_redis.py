@@ -47,7 +47,7 @@ from relay.errors import (
     StorageUnavailable,
     Unconfirmed,
 )
-from relay.redis_pump import Command, LuaScript, Merge, RedisPump
+from relay.redis.pump import Command, LuaScript, Merge, RedisPump
 from relay.store import Accepted, Delivery, SessionStart, envelope_id
 
 

@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from relay.embedded import EmbeddedServer, valkey_binary
-from relay.redis_pump import RedisPump
-from relay.redis_sync import RedisClient, connect
+from relay.redis.admin import RedisClient, connect
+from relay.redis.pump import RedisPump
 from relay.store_redis import RedisMailboxStore
 
 SERVERS: dict[str, Callable[[], str | None]] = {

@@ -29,7 +29,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 from relay.client import Message, RelaySession
 from relay.config import Config
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.server import RunningRelay, serve_relay
 
 SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"  # HS256 wants >= 32 bytes

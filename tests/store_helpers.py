@@ -9,7 +9,7 @@ import time
 import trio
 from relay_fixtures import poll_until
 
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.store_redis import Quota, RedisMailboxStore
 
 DEADLINE_S = 10

@@ -15,8 +15,8 @@ import trio
 from relay.audit import LISTED_MAX, audit
 from relay.cli import main
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.redis_checks import Allowed
-from relay.redis_sync import RedisClient, connect
+from relay.redis.admin import RedisClient, connect
+from relay.redis.checks import Allowed
 from relay.store_redis import RedisMailboxStore
 
 RETENTION_S = 3600  # the `store` fixture's retention

@@ -41,7 +41,7 @@ from relay_fixtures import (
 )
 
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.redis_sync import RedisClient, connect
+from relay.redis.admin import RedisClient, connect
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]

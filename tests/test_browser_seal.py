@@ -17,7 +17,7 @@ from test_browser_client import STEP_MS, http_origin, in_browser, open_page
 
 from relay import seal
 from relay.client import Event, Unopened, open_client, open_relay
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]

@@ -23,7 +23,7 @@ from process_fixtures import run_cli
 from relay_fixtures import SECRET, TEARDOWN_S, RelayFactory, msg_key, poll_until, unique
 
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 
 pytest_plugins = ["relay_fixtures"]
 

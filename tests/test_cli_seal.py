@@ -16,7 +16,7 @@ import trio
 from process_fixtures import cli_identity, relay_process, run_cli
 from relay_fixtures import keys_under, poll_until, token, unique
 
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.seal import Identity, PublicKey
 
 pytest_plugins = ["relay_fixtures"]

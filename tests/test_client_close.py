@@ -12,7 +12,7 @@ from process_fixtures import relay_process
 from relay_fixtures import keys_under, token, unique
 
 from relay.client import open_client, open_relay
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 
 pytest_plugins = ["relay_fixtures"]
 

@@ -30,7 +30,7 @@ from relay.client import (
     open_relay,
 )
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.redis_sync import RedisClient, connect
+from relay.redis.admin import RedisClient, connect
 
 pytest_plugins = ["relay_fixtures"]
 

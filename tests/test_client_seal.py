@@ -12,7 +12,7 @@ from relay_fixtures import DEADLINE_S, keys_under, poll_until, token, unique
 
 from relay import seal
 from relay.client import Event, Message, Unopened, open_client, open_relay
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]

@@ -28,7 +28,7 @@ from trio_websocket import ConnectionClosed
 from relay.client import open_relay
 from relay.codes import CloseCode
 from relay.embedded import free_loopback_port
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]

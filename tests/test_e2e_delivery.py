@@ -24,8 +24,8 @@ from relay_fixtures import (
 from trio_websocket import WebSocketConnection
 
 from relay.client import Message, open_relay
-from relay.redis_pump import RedisPump
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
+from relay.redis.pump import RedisPump
 from relay.server import RunningRelay
 from relay.store_redis import Keys, RedisMailboxStore
 

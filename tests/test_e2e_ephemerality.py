@@ -35,7 +35,7 @@ from relay.codes import CloseCode
 from relay.embedded import EmbeddedServer
 from relay.errors import UnsafeRedis
 from relay.logs import pseudonym
-from relay.redis_sync import RedisClient, connect
+from relay.redis.admin import RedisClient, connect
 from relay.server import RunningRelay, serve_relay
 
 pytest_plugins = ["relay_fixtures"]

@@ -17,7 +17,7 @@ import trio
 from relay_fixtures import DEADLINE_S, RelayFactory, answer, raw_session, request
 
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.server import RunningRelay
 from relay.store_redis import Keys, fingerprint
 

@@ -30,7 +30,7 @@ from trio_websocket import open_websocket_url
 
 from relay.codes import CloseCode
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.redis_sync import RedisClient, connect
+from relay.redis.admin import RedisClient, connect
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]

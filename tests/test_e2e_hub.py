@@ -25,7 +25,7 @@ from relay_fixtures import (
 
 from relay.client import open_relay
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.server import RunningRelay
 from relay.store_redis import Keys
 

@@ -25,7 +25,7 @@ from relay_fixtures import (
 
 from relay.audit import audit
 from relay.client import open_relay
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.store_redis import Keys
 
 pytest_plugins = ["relay_fixtures"]

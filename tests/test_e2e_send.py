@@ -27,7 +27,7 @@ from relay_fixtures import (
 
 from relay.client import RelayClientError, open_relay
 from relay.codes import CloseCode
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]

@@ -19,7 +19,7 @@ from test_websocket_engine import BINARY, TEXT, frame
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 
 pytest_plugins = ["relay_fixtures"]
 

@@ -17,8 +17,8 @@ from relay_fixtures import DEADLINE_S, RelayFactory, receive_until, token
 
 from relay.client import open_relay
 from relay.hub import Hub
-from relay.redis_conn import ConnectionLost, RedisConnection
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
+from relay.redis.connection import ConnectionLost, RedisConnection
 from relay.store_redis import Keys
 
 pytest_plugins = ["relay_fixtures"]

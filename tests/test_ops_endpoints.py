@@ -32,8 +32,8 @@ from relay.config import Config
 from relay.embedded import EmbeddedServer, free_loopback_port
 from relay.errors import UnsafeRedis
 from relay.policy_document import policy as policy_document
-from relay.redis_checks import RedisSettings
-from relay.redis_sync import connect
+from relay.redis.admin import connect
+from relay.redis.checks import RedisSettings
 
 pytest_plugins = ["relay_fixtures"]
 

@@ -34,7 +34,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from relay.client import open_relay
 from relay.embedded import EmbeddedServer, free_loopback_port
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]

@@ -27,7 +27,7 @@ from relay.auth import Verifier
 from relay.embedded import EmbeddedServer, free_loopback_port
 from relay.errors import AuthError
 from relay.probe import forge_unsigned, policy_url_for, unverified_claims
-from relay.redis_sync import RedisClient, connect
+from relay.redis.admin import RedisClient, connect
 from relay.server import RunningRelay
 
 pytest_plugins = ["relay_fixtures"]

@@ -9,8 +9,8 @@ import pytest
 
 from relay.embedded import EmbeddedServer
 from relay.errors import UnsafeRedis
-from relay.redis_checks import Allowed, RedisSettings, check_settings, read_settings
-from relay.redis_sync import RedisClient, connect
+from relay.redis.admin import RedisClient, connect
+from relay.redis.checks import Allowed, RedisSettings, check_settings, read_settings
 
 SAFE = RedisSettings(
     save="", appendonly="no", maxmemory_policy="noeviction", slowlog_log_slower_than="-1"

@@ -1,6 +1,6 @@
 """The Redis pump against a real Valkey/Redis (no mocks).
 
-Each test checks one promise of relay/redis_pump.py: every caller gets its own
+Each test checks one promise of relay/redis/pump.py: every caller gets its own
 reply, batches form under load, a failing command fails only its caller,
 NOSCRIPT is handled, cancellation and shutdown leave nobody hanging, the queue
 is bounded, and the pump reconnects by itself after a Redis restart.
@@ -20,8 +20,8 @@ import trio.testing
 
 from relay.embedded import EmbeddedServer, free_loopback_port
 from relay.errors import StorageError, StorageUnavailable, Unconfirmed
-from relay.redis_pump import Command, LuaScript, RedisPump
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
+from relay.redis.pump import Command, LuaScript, RedisPump
 
 DEADLINE_S = 10
 

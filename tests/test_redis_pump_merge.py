@@ -1,6 +1,6 @@
 """The pump's joined commands against a real Valkey/Redis: commands with one merge key that
 meet in a batch run as one command, and each caller still gets its own reply or error
-(relay/redis_pump.py, `Merge`). `runs` counts what Redis really ran (INFO commandstats).
+(relay/redis/pump.py, `Merge`). `runs` counts what Redis really ran (INFO commandstats).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import redis
 import trio
 
-from relay.redis_pump import Command, LuaScript, Merge, RedisPump
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
+from relay.redis.pump import Command, LuaScript, Merge, RedisPump
 
 DEADLINE_S = 10
 

@@ -30,8 +30,8 @@ from store_helpers import (
 )
 
 from relay.errors import MailboxFull
-from relay.redis_pump import RedisPump
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
+from relay.redis.pump import RedisPump
 from relay.store import Accepted
 from relay.store_redis import (
     NO_REF,

@@ -21,7 +21,7 @@ from store_helpers import (
 
 from relay.codes import ErrorCode
 from relay.errors import MailboxFull
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 from relay.store_redis import Quota, RedisMailboxStore
 
 

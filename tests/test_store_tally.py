@@ -16,8 +16,8 @@ import trio.testing
 from store_helpers import DEADLINE_S, keys_under, now_ms, wait_until_gone, with_quota
 
 from relay.errors import MailboxFull, RefConflict
-from relay.redis_pump import LuaScript
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
+from relay.redis.pump import LuaScript
 from relay.store import Accepted
 from relay.store_redis import Quota, RedisMailboxStore
 

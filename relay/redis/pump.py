@@ -44,7 +44,7 @@ import redis
 import trio
 
 from relay.errors import StorageUnavailable, Unconfirmed
-from relay.redis_conn import ConnectionLost, RedisConnection, pack
+from relay.redis.connection import ConnectionLost, RedisConnection, pack
 
 log = logging.getLogger(__name__)
 

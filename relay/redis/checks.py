@@ -18,7 +18,7 @@ from redis.cluster import ClusterNode
 
 from relay.config import Config
 from relay.errors import UnsafeRedis
-from relay.redis_sync import RedisClient
+from relay.redis.admin import RedisClient
 
 ALLOW_PERSISTENT_FLAG = "--allow-persistent-redis"
 ALLOW_EVICTION_FLAG = "--allow-eviction"
