@@ -21,11 +21,10 @@ import attrs
 
 from relay.auth import HS256_MIN_SECRET_BYTES
 from relay.policy import parse_duration, parse_size
+from relay.redis import address as redis_address
 
 # Quoted: argparse's class is generic only in typeshed.
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @attrs.frozen
@@ -139,7 +138,8 @@ OPTIONS: tuple[Option, ...] = (
         "redis-url",
         "redis_url",
         str,
-        "redis://, rediss:// or unix:// URL",
+        "redis://, rediss://, unix://, redis+cluster://host:port,… or "
+        "redis+sentinel://host:port,…/MASTER-NAME URL",
     ),
     Option("jwt-secret", "jwt_secret", str, "HS256 shared secret for tokens"),
     Option(
@@ -370,8 +370,5 @@ def _validate(config: Config) -> None:
         raise ValueError("ping interval and idle timeout must be positive")
     if config.jwt_secret is not None and len(config.jwt_secret.encode()) < HS256_MIN_SECRET_BYTES:
         raise ValueError(f"--jwt-secret must be at least {HS256_MIN_SECRET_BYTES} bytes")
-    if config.redis_url is not None and not config.redis_url.startswith(REDIS_SCHEMES):
-        scheme = config.redis_url.partition("://")[0][:20]  # never the rest: it may hold a password
-        raise ValueError(
-            f"--redis-url has scheme {scheme + '://'!r}; expected {', '.join(REDIS_SCHEMES)}"
-        )
+    if config.redis_url is not None:
+        redis_address.parse(config.redis_url)  # a ValueError names no password
