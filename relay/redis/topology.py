@@ -97,7 +97,7 @@ class SentinelTopology(Topology):
     def __init__(self, address: RedisAddress, *, timeout_s: float) -> None:
         super().__init__(address, timeout_s=timeout_s)
         self._link = NodeLink("primary", self._open_primary, timeout_s=timeout_s)
-        self._generation = 0  # counts primary switches: the hub's node is "primary#N"
+        self.switches = 0  # primary switches seen: the hub's node is "primary#N"
 
     async def _open_primary(self, client_name: str = "relay") -> RedisConnection:
         return await sentinel.open_primary(
@@ -110,10 +110,10 @@ class SentinelTopology(Topology):
         return None
 
     def subscriber_nodes(self) -> list[str]:
-        return [f"primary#{self._generation}"]
+        return [f"primary#{self.switches}"]
 
     def subscriber_node(self, channel: str) -> str | None:
-        return f"primary#{self._generation}"
+        return f"primary#{self.switches}"
 
     async def open_subscriber(self, node: str) -> RedisConnection:
         return await self._open_primary("relay-hub")
@@ -130,7 +130,7 @@ class SentinelTopology(Topology):
     def _switch(self) -> None:
         """The primary changed: the pump reconnects, the hub subscribes anew there."""
         self._link.stale = True
-        self._generation += 1
+        self.switches += 1
         self._announce()
 
 
