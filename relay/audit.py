@@ -10,24 +10,31 @@ its send time (relay.store_redis.message_sent_ms).
 Contract point 1 for metadata: a ref record whose message is gone may live
 only for the dedupe window. The audit reads ref records (they hold a message
 id, an expiry and a hash; no body) and flags those that outlive it.
+
+On a Redis Cluster every primary is audited on its own (a ref record and its
+message share a hash tag, so a node); each violation names its node, and the
+report gives each node's findings and their totals.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import attrs
 import orjson
+import redis
 
-from relay.redis.admin import RedisClient
+from relay.redis.admin import RedisClient, primaries
 from relay.redis.checks import (
     NOTHING_ALLOWED,
     Allowed,
+    NodeSettings,
     RedisSettings,
-    evaluate_settings,
-    read_settings,
+    evaluate_nodes,
+    least_safe,
+    read_node_settings,
 )
 from relay.store_redis import glob_escape, message_sent_ms
 
@@ -35,10 +42,10 @@ BATCH = 1000
 LISTED_MAX = 100  # key names listed per kind of violation; all are counted
 
 
-@attrs.frozen
-class AuditReport:
-    prefix: str
-    retention_s: int
+@attrs.frozen(kw_only=True)
+class Findings:
+    """What the audit found among the keys of one node, or of all nodes together."""
+
     keys: int
     messages: int
     oldest_message_age_ms: int | None
@@ -46,30 +53,12 @@ class AuditReport:
     without_ttl_listed: tuple[str, ...]
     over_retention: int
     over_retention_listed: tuple[tuple[str, int], ...]  # (key, PTTL in ms)
-    dedupe_window_s: int
     ref_records: int
     stale_refs: int  # ref records of a message that is gone, with a TTL over the dedupe window
     stale_refs_listed: tuple[tuple[str, int], ...]
     settings: RedisSettings
-    settings_violations: tuple[str, ...]
+    violations: tuple[str, ...]  # each starts with the name of its node
     warnings: tuple[str, ...]
-
-    @property
-    def violations(self) -> list[str]:
-        found = list(self.settings_violations)
-        if self.without_ttl:
-            found.append(f"{self.without_ttl} keys under {self.prefix!r} have no TTL")
-        if self.over_retention:
-            found.append(
-                f"{self.over_retention} keys under {self.prefix!r} have a TTL longer "
-                f"than the retention window of {self.retention_s} s"
-            )
-        if self.stale_refs:
-            found.append(
-                f"{self.stale_refs} ref records of delivered or expired messages outlive "
-                f"the dedupe window of {self.dedupe_window_s} s"
-            )
-        return found
 
     @property
     def ok(self) -> bool:
@@ -78,8 +67,6 @@ class AuditReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
-            "prefix": self.prefix,
-            "retention_s": self.retention_s,
             "keys": self.keys,
             "messages": self.messages,
             "oldest_message_age_ms": self.oldest_message_age_ms,
@@ -88,7 +75,6 @@ class AuditReport:
                 "count": self.over_retention,
                 "listed": [{"key": k, "ttl_ms": t} for k, t in self.over_retention_listed],
             },
-            "dedupe_window_s": self.dedupe_window_s,
             "ref_records": self.ref_records,
             "stale_ref_records": {
                 "count": self.stale_refs,
@@ -99,27 +85,68 @@ class AuditReport:
             "warnings": self.warnings,
         }
 
+
+@attrs.frozen(kw_only=True)
+class NodeAudit(Findings):
+    node: str  # host:port (or the socket path)
+
+
+@attrs.frozen(kw_only=True)
+class AuditReport(Findings):
+    """The totals over `nodes` (the settings: each one's least safe value)."""
+
+    prefix: str
+    retention_s: int
+    dedupe_window_s: int
+    nodes: tuple[NodeAudit, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "retention_s": self.retention_s,
+            "dedupe_window_s": self.dedupe_window_s,
+            **super().to_dict(),
+            "nodes": [{"node": n.node, **n.to_dict()} for n in self.nodes],
+        }
+
     def to_json(self) -> str:
         return orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2).decode()
 
     def to_text(self) -> str:
         age = self.oldest_message_age_ms
+        nodes = self.nodes
         lines = [
-            f"prefix {self.prefix!r}, retention {self.retention_s} s",
+            f"prefix {self.prefix!r}, retention {self.retention_s} s, {len(nodes)} primaries",
+            *(
+                f"{n.node}: {n.keys} keys, {n.messages} messages, {n.without_ttl} without TTL, "
+                f"{n.over_retention} over retention, {n.stale_refs} stale ref records"
+                for n in nodes
+            ),
             f"keys: {self.keys}",
             f"messages: {self.messages}",
             f"oldest message: {'none' if age is None else f'{age / 1000:.1f} s old'}",
             f"keys without TTL: {self.without_ttl}",
-            *(f"  {key}" for key in self.without_ttl_listed),
+            *(f"  {key} on {n.node}" for n in nodes for key in n.without_ttl_listed),
             f"keys with a TTL over the retention window: {self.over_retention}",
-            *(f"  {key} (TTL {ttl_ms} ms)" for key, ttl_ms in self.over_retention_listed),
+            *(
+                f"  {key} on {n.node} (TTL {ttl_ms} ms)"
+                for n in nodes
+                for key, ttl_ms in n.over_retention_listed
+            ),
             f"ref records: {self.ref_records}",
             f"ref records outliving the dedupe window ({self.dedupe_window_s} s) "
             f"with their message gone: {self.stale_refs}",
-            *(f"  {key} (TTL {ttl_ms} ms)" for key, ttl_ms in self.stale_refs_listed),
-            f"save {self.settings.save!r}, appendonly {self.settings.appendonly!r}, "
-            f"maxmemory-policy {self.settings.maxmemory_policy!r}, "
-            f"slowlog-log-slower-than {self.settings.slowlog_log_slower_than!r}",
+            *(
+                f"  {key} on {n.node} (TTL {ttl_ms} ms)"
+                for n in nodes
+                for key, ttl_ms in n.stale_refs_listed
+            ),
+            *(
+                f"{n.node}: save {n.settings.save!r}, appendonly {n.settings.appendonly!r}, "
+                f"maxmemory-policy {n.settings.maxmemory_policy!r}, "
+                f"slowlog-log-slower-than {n.settings.slowlog_log_slower_than!r}"
+                for n in nodes
+            ),
             *(f"warning: {w}" for w in self.warnings),
             *(f"VIOLATION: {v}" for v in self.violations),
             "OK" if self.ok else "FAILED",
@@ -140,7 +167,7 @@ def _split(key: str, prefix: str) -> tuple[str, str, str] | None:
 
 
 def _stale_refs(
-    client: RedisClient, refs: list[tuple[str, int]], base_of: dict[str, str], window_ms: int
+    client: redis.Redis, refs: list[tuple[str, int]], base_of: dict[str, str], window_ms: int
 ) -> Iterator[tuple[str, int]]:
     """The ref records (key, PTTL) over the dedupe window whose message is gone."""
     long_lived = [(key, pttl) for key, pttl in refs if pttl > window_ms]
@@ -160,7 +187,7 @@ def _stale_refs(
                 yield key, pttl
 
 
-def _pttls(client: RedisClient, prefix: str) -> Iterator[tuple[str, int]]:
+def _pttls(client: redis.Redis, prefix: str) -> Iterator[tuple[str, int]]:
     """Every key under the prefix with its PTTL, asked in pipelined batches."""
     keys = client.scan_iter(match=glob_escape(prefix) + "*", count=BATCH)
     while batch := list(islice(keys, BATCH)):
@@ -170,20 +197,30 @@ def _pttls(client: RedisClient, prefix: str) -> Iterator[tuple[str, int]]:
             yield from zip(batch, pipe.execute(), strict=True)
 
 
-def audit(
-    client: RedisClient,
-    prefix: str,
-    retention_s: int,
-    now_ms: int,
-    allowed: Allowed = NOTHING_ALLOWED,
-    dedupe_window_s: int = 600,
-) -> AuditReport:
-    """Audit the keys under `prefix` and the server's persistence and eviction settings.
+def _key_violations(
+    node: str, found: dict[str, Any], prefix: str, windows_s: tuple[int, int]
+) -> list[str]:
+    retention_s, dedupe_window_s = windows_s
+    violations = []
+    if found["without_ttl"]:
+        violations.append(f"{node}: {found['without_ttl']} keys under {prefix!r} have no TTL")
+    if found["over_retention"]:
+        violations.append(
+            f"{node}: {found['over_retention']} keys under {prefix!r} have a TTL longer "
+            f"than the retention window of {retention_s} s"
+        )
+    if found["stale_refs"]:
+        violations.append(
+            f"{node}: {found['stale_refs']} ref records of delivered or expired messages "
+            f"outlive the dedupe window of {dedupe_window_s} s"
+        )
+    return violations
 
-    SCAN may return a key twice while Redis rehashes, so counts are upper
-    bounds; listed names are unique. A key that expires during the audit is
-    not counted.
-    """
+
+def _audit_node(
+    client: redis.Redis, prefix: str, retention_s: int, now_ms: int, dedupe_window_s: int
+) -> dict[str, Any]:
+    """The key findings of one node, as the fields of Findings."""
     keys = messages = without_ttl = over_retention = 0
     without_ttl_listed: list[str] = []
     over_retention_listed: dict[str, int] = {}
@@ -212,23 +249,74 @@ def audit(
             if sent_ms is not None and (oldest_sent_ms is None or sent_ms < oldest_sent_ms):
                 oldest_sent_ms = sent_ms
     stale = list(_stale_refs(client, refs, base_of, dedupe_window_s * 1000))
-    settings = read_settings(client)
-    settings_violations, warnings = evaluate_settings(settings, allowed)
+    return {
+        "keys": keys,
+        "messages": messages,
+        "oldest_message_age_ms": None if oldest_sent_ms is None else now_ms - oldest_sent_ms,
+        "without_ttl": without_ttl,
+        "without_ttl_listed": tuple(without_ttl_listed),
+        "over_retention": over_retention,
+        "over_retention_listed": tuple(over_retention_listed.items()),
+        "ref_records": len(refs),
+        "stale_refs": len(stale),
+        "stale_refs_listed": tuple(stale[:LISTED_MAX]),
+    }
+
+
+def _total(nodes: list[NodeAudit]) -> dict[str, Any]:
+    """The fields of Findings summed over the nodes; at most LISTED_MAX names listed."""
+
+    def listed(name: str) -> tuple[Any, ...]:
+        return tuple(islice(chain.from_iterable(getattr(n, name) for n in nodes), LISTED_MAX))
+
+    ages = [n.oldest_message_age_ms for n in nodes if n.oldest_message_age_ms is not None]
+    counts = ("keys", "messages", "without_ttl", "over_retention", "ref_records", "stale_refs")
+    return {
+        **{name: sum(getattr(n, name) for n in nodes) for name in counts},
+        "oldest_message_age_ms": max(ages, default=None),
+        "without_ttl_listed": listed("without_ttl_listed"),
+        "over_retention_listed": listed("over_retention_listed"),
+        "stale_refs_listed": listed("stale_refs_listed"),
+        "settings": least_safe([NodeSettings(n.node, n.settings) for n in nodes]),
+        "violations": tuple(chain.from_iterable(n.violations for n in nodes)),
+        "warnings": tuple(chain.from_iterable(n.warnings for n in nodes)),
+    }
+
+
+def audit(
+    client: RedisClient,
+    prefix: str,
+    retention_s: int,
+    now_ms: int,
+    allowed: Allowed = NOTHING_ALLOWED,
+    dedupe_window_s: int = 600,
+) -> AuditReport:
+    """Audit the keys under `prefix` and the persistence and eviction settings of every
+    primary.
+
+    SCAN may return a key twice while Redis rehashes, so counts are upper
+    bounds; listed names are unique. A key that expires during the audit is
+    not counted.
+    """
+    settings = {n.node: n for n in read_node_settings(client)}
+    nodes = []
+    for node, server in primaries(client):
+        found = _audit_node(server, prefix, retention_s, now_ms, dedupe_window_s)
+        settings_violations, warnings = evaluate_nodes([settings[node]], allowed)
+        key_violations = _key_violations(node, found, prefix, (retention_s, dedupe_window_s))
+        nodes.append(
+            NodeAudit(
+                node=node,
+                **found,
+                settings=settings[node].settings,
+                violations=(*settings_violations, *key_violations),
+                warnings=tuple(warnings),
+            )
+        )
     return AuditReport(
         prefix=prefix,
         retention_s=retention_s,
-        keys=keys,
-        messages=messages,
-        oldest_message_age_ms=None if oldest_sent_ms is None else now_ms - oldest_sent_ms,
-        without_ttl=without_ttl,
-        without_ttl_listed=tuple(without_ttl_listed),
-        over_retention=over_retention,
-        over_retention_listed=tuple(over_retention_listed.items()),
         dedupe_window_s=dedupe_window_s,
-        ref_records=len(refs),
-        stale_refs=len(stale),
-        stale_refs_listed=tuple(stale[:LISTED_MAX]),
-        settings=settings,
-        settings_violations=tuple(settings_violations),
-        warnings=tuple(warnings),
+        nodes=tuple(nodes),
+        **_total(nodes),
     )
