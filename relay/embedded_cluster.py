@@ -17,6 +17,7 @@ from types import TracebackType
 
 import attrs
 import redis
+from redis.crc import key_slot
 
 from relay.embedded import EmbeddedServer, free_loopback_port, valkey_binary
 
@@ -32,6 +33,10 @@ class ClusterMember:
     port: int
     node_id: str
     primary_id: str | None  # a replica's primary; None for a primary
+    slots: tuple[tuple[int, int], ...]  # (first, last) ranges a primary serves
+
+    def serves(self, slot: int) -> bool:
+        return any(first <= slot <= last for first, last in self.slots)
 
 
 def cli_binary(server_binary: str) -> str:
@@ -44,14 +49,22 @@ def parse_cluster_nodes(text: str) -> list[ClusterMember]:
     """The members of a CLUSTER NODES reply that are connected and not failing."""
     members = []
     for line in text.splitlines():
-        node_id, address, flags, primary, *_ = line.split()
+        fields = line.split()
+        node_id, address, flags, primary = fields[:4]
         flag_set = set(flags.split(","))
         if flag_set & {"fail", "fail?", "noaddr", "handshake"}:
             continue
         host_port = address.partition("@")[0]
         host, _, port = host_port.rpartition(":")
-        members.append(ClusterMember(host, int(port), node_id, None if primary == "-" else primary))
+        slots = tuple(_slot_range(f) for f in fields[8:] if not f.startswith("["))
+        replica_of = None if primary == "-" else primary
+        members.append(ClusterMember(host, int(port), node_id, replica_of, slots))
     return members
+
+
+def _slot_range(field: str) -> tuple[int, int]:
+    first, _, last = field.partition("-")
+    return int(first), int(last or first)
 
 
 @attrs.define
@@ -143,6 +156,12 @@ class EmbeddedCluster:
     def replicas(self) -> list[ClusterMember]:
         """The replicas that are not failing, read live."""
         return [m for m in self._members() if m.primary_id is not None]
+
+    def primary_for(self, key: str) -> ClusterMember:
+        """The live primary that serves `key`'s slot."""
+        slot = key_slot(key.encode())
+        (owner,) = [m for m in self.primaries() if m.serves(slot)]
+        return owner
 
     def kill(self, port: int, sig: signal.Signals = signal.SIGKILL) -> None:
         """Send `sig` to the node on `port` (SIGKILL to crash it, SIGSTOP to freeze it)."""
