@@ -18,9 +18,9 @@ report gives each node's findings and their totals.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import chain, islice
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import orjson
@@ -40,6 +40,7 @@ from relay.store_redis import glob_escape, message_sent_ms
 
 BATCH = 1000
 LISTED_MAX = 100  # key names listed per kind of violation; all are counted
+T = TypeVar("T")
 
 
 @attrs.frozen(kw_only=True)
@@ -89,6 +90,24 @@ class Findings:
 @attrs.frozen(kw_only=True)
 class NodeAudit(Findings):
     node: str  # host:port (or the socket path)
+
+    def key_violations(self, prefix: str, windows_s: tuple[int, int]) -> tuple[str, ...]:
+        """What this node's keys break, each naming the node."""
+        retention_s, dedupe_window_s = windows_s
+        found = []
+        if self.without_ttl:
+            found.append(f"{self.without_ttl} keys under {prefix!r} have no TTL")
+        if self.over_retention:
+            found.append(
+                f"{self.over_retention} keys under {prefix!r} have a TTL longer "
+                f"than the retention window of {retention_s} s"
+            )
+        if self.stale_refs:
+            found.append(
+                f"{self.stale_refs} ref records of delivered or expired messages outlive "
+                f"the dedupe window of {dedupe_window_s} s"
+            )
+        return tuple(f"{self.node}: {v}" for v in found)
 
 
 @attrs.frozen(kw_only=True)
@@ -197,37 +216,23 @@ def _pttls(client: redis.Redis, prefix: str) -> Iterator[tuple[str, int]]:
             yield from zip(batch, pipe.execute(), strict=True)
 
 
-def _key_violations(
-    node: str, found: dict[str, Any], prefix: str, windows_s: tuple[int, int]
-) -> list[str]:
-    retention_s, dedupe_window_s = windows_s
-    violations = []
-    if found["without_ttl"]:
-        violations.append(f"{node}: {found['without_ttl']} keys under {prefix!r} have no TTL")
-    if found["over_retention"]:
-        violations.append(
-            f"{node}: {found['over_retention']} keys under {prefix!r} have a TTL longer "
-            f"than the retention window of {retention_s} s"
-        )
-    if found["stale_refs"]:
-        violations.append(
-            f"{node}: {found['stale_refs']} ref records of delivered or expired messages "
-            f"outlive the dedupe window of {dedupe_window_s} s"
-        )
-    return violations
-
-
 def _audit_node(
-    client: redis.Redis, prefix: str, retention_s: int, now_ms: int, dedupe_window_s: int
-) -> dict[str, Any]:
-    """The key findings of one node, as the fields of Findings."""
+    server: redis.Redis,
+    node: NodeSettings,
+    prefix: str,
+    windows_s: tuple[int, int],  # (retention, dedupe window)
+    now_ms: int,
+    allowed: Allowed,
+) -> NodeAudit:
+    """What one node holds under the prefix, and what its settings break."""
+    retention_s, dedupe_window_s = windows_s
     keys = messages = without_ttl = over_retention = 0
     without_ttl_listed: list[str] = []
     over_retention_listed: dict[str, int] = {}
     oldest_sent_ms: int | None = None
     refs: list[tuple[str, int]] = []
     base_of: dict[str, str] = {}
-    for key, pttl in _pttls(client, prefix):
+    for key, pttl in _pttls(server, prefix):
         if pttl == -2:  # expired since SCAN returned it
             continue
         keys += 1
@@ -248,39 +253,32 @@ def _audit_node(
             sent_ms = message_sent_ms(parts[2])
             if sent_ms is not None and (oldest_sent_ms is None or sent_ms < oldest_sent_ms):
                 oldest_sent_ms = sent_ms
-    stale = list(_stale_refs(client, refs, base_of, dedupe_window_s * 1000))
-    return {
-        "keys": keys,
-        "messages": messages,
-        "oldest_message_age_ms": None if oldest_sent_ms is None else now_ms - oldest_sent_ms,
-        "without_ttl": without_ttl,
-        "without_ttl_listed": tuple(without_ttl_listed),
-        "over_retention": over_retention,
-        "over_retention_listed": tuple(over_retention_listed.items()),
-        "ref_records": len(refs),
-        "stale_refs": len(stale),
-        "stale_refs_listed": tuple(stale[:LISTED_MAX]),
-    }
+    stale = list(_stale_refs(server, refs, base_of, dedupe_window_s * 1000))
+    settings_violations, warnings = evaluate_nodes([node], allowed)
+    found = NodeAudit(
+        node=node.node,
+        keys=keys,
+        messages=messages,
+        oldest_message_age_ms=None if oldest_sent_ms is None else now_ms - oldest_sent_ms,
+        without_ttl=without_ttl,
+        without_ttl_listed=tuple(without_ttl_listed),
+        over_retention=over_retention,
+        over_retention_listed=tuple(over_retention_listed.items()),
+        ref_records=len(refs),
+        stale_refs=len(stale),
+        stale_refs_listed=tuple(stale[:LISTED_MAX]),
+        settings=node.settings,
+        violations=tuple(settings_violations),
+        warnings=tuple(warnings),
+    )
+    return attrs.evolve(
+        found, violations=found.violations + found.key_violations(prefix, windows_s)
+    )
 
 
-def _total(nodes: list[NodeAudit]) -> dict[str, Any]:
-    """The fields of Findings summed over the nodes; at most LISTED_MAX names listed."""
-
-    def listed(name: str) -> tuple[Any, ...]:
-        return tuple(islice(chain.from_iterable(getattr(n, name) for n in nodes), LISTED_MAX))
-
-    ages = [n.oldest_message_age_ms for n in nodes if n.oldest_message_age_ms is not None]
-    counts = ("keys", "messages", "without_ttl", "over_retention", "ref_records", "stale_refs")
-    return {
-        **{name: sum(getattr(n, name) for n in nodes) for name in counts},
-        "oldest_message_age_ms": max(ages, default=None),
-        "without_ttl_listed": listed("without_ttl_listed"),
-        "over_retention_listed": listed("over_retention_listed"),
-        "stale_refs_listed": listed("stale_refs_listed"),
-        "settings": least_safe([NodeSettings(n.node, n.settings) for n in nodes]),
-        "violations": tuple(chain.from_iterable(n.violations for n in nodes)),
-        "warnings": tuple(chain.from_iterable(n.warnings for n in nodes)),
-    }
+def _listed(lists: Iterable[tuple[T, ...]]) -> tuple[T, ...]:
+    """The first LISTED_MAX items of the lists, in order."""
+    return tuple(islice(chain.from_iterable(lists), LISTED_MAX))
 
 
 def audit(
@@ -299,24 +297,28 @@ def audit(
     not counted.
     """
     settings = {n.node: n for n in read_node_settings(client)}
-    nodes = []
-    for node, server in primaries(client):
-        found = _audit_node(server, prefix, retention_s, now_ms, dedupe_window_s)
-        settings_violations, warnings = evaluate_nodes([settings[node]], allowed)
-        key_violations = _key_violations(node, found, prefix, (retention_s, dedupe_window_s))
-        nodes.append(
-            NodeAudit(
-                node=node,
-                **found,
-                settings=settings[node].settings,
-                violations=(*settings_violations, *key_violations),
-                warnings=tuple(warnings),
-            )
-        )
+    windows_s = (retention_s, dedupe_window_s)
+    nodes = [
+        _audit_node(server, settings[node], prefix, windows_s, now_ms, allowed)
+        for node, server in primaries(client)
+    ]
+    ages = [n.oldest_message_age_ms for n in nodes if n.oldest_message_age_ms is not None]
     return AuditReport(
         prefix=prefix,
         retention_s=retention_s,
         dedupe_window_s=dedupe_window_s,
         nodes=tuple(nodes),
-        **_total(nodes),
+        keys=sum(n.keys for n in nodes),
+        messages=sum(n.messages for n in nodes),
+        oldest_message_age_ms=max(ages, default=None),
+        without_ttl=sum(n.without_ttl for n in nodes),
+        without_ttl_listed=_listed(n.without_ttl_listed for n in nodes),
+        over_retention=sum(n.over_retention for n in nodes),
+        over_retention_listed=_listed(n.over_retention_listed for n in nodes),
+        ref_records=sum(n.ref_records for n in nodes),
+        stale_refs=sum(n.stale_refs for n in nodes),
+        stale_refs_listed=_listed(n.stale_refs_listed for n in nodes),
+        settings=least_safe(list(settings.values())),
+        violations=tuple(chain.from_iterable(n.violations for n in nodes)),
+        warnings=tuple(chain.from_iterable(n.warnings for n in nodes)),
     )
