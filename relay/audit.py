@@ -34,7 +34,7 @@ from relay.redis.checks import (
     RedisSettings,
     evaluate_nodes,
     least_safe,
-    read_node_settings,
+    read_server_settings,
 )
 from relay.store_redis import glob_escape, message_sent_ms
 
@@ -296,11 +296,13 @@ def audit(
     bounds; listed names are unique. A key that expires during the audit is
     not counted.
     """
-    settings = {n.node: n for n in read_node_settings(client)}
     windows_s = (retention_s, dedupe_window_s)
-    nodes = [
-        _audit_node(server, settings[node], prefix, windows_s, now_ms, allowed)
+    named = [
+        (NodeSettings(node, read_server_settings(server)), server)
         for node, server in primaries(client)
+    ]
+    nodes = [
+        _audit_node(server, node, prefix, windows_s, now_ms, allowed) for node, server in named
     ]
     ages = [n.oldest_message_age_ms for n in nodes if n.oldest_message_age_ms is not None]
     return AuditReport(
@@ -318,7 +320,7 @@ def audit(
         ref_records=sum(n.ref_records for n in nodes),
         stale_refs=sum(n.stale_refs for n in nodes),
         stale_refs_listed=_listed(n.stale_refs_listed for n in nodes),
-        settings=least_safe(list(settings.values())),
+        settings=least_safe([node for node, _ in named]),
         violations=tuple(chain.from_iterable(n.violations for n in nodes)),
         warnings=tuple(chain.from_iterable(n.warnings for n in nodes)),
     )

@@ -100,20 +100,19 @@ def _least_safe(name: str, values: list[str | None]) -> str | None:
     return values[0]
 
 
+def read_server_settings(server: redis.Redis) -> RedisSettings:
+    """Read one server's settings with CONFIG GET."""
+    return RedisSettings(
+        save=_read(server, "save"),
+        appendonly=_read(server, "appendonly"),
+        maxmemory_policy=_read(server, "maxmemory-policy"),
+        slowlog_log_slower_than=_read(server, "slowlog-log-slower-than"),
+    )
+
+
 def read_node_settings(client: RedisClient) -> list[NodeSettings]:
-    """Read the settings of every primary with CONFIG GET."""
-    return [
-        NodeSettings(
-            node,
-            RedisSettings(
-                save=_read(server, "save"),
-                appendonly=_read(server, "appendonly"),
-                maxmemory_policy=_read(server, "maxmemory-policy"),
-                slowlog_log_slower_than=_read(server, "slowlog-log-slower-than"),
-            ),
-        )
-        for node, server in primaries(client)
-    ]
+    """Read the settings of every primary."""
+    return [NodeSettings(node, read_server_settings(server)) for node, server in primaries(client)]
 
 
 def least_safe(nodes: list[NodeSettings]) -> RedisSettings:
