@@ -173,3 +173,39 @@ def test_audit_of_an_unreachable_cluster_names_no_password(
     err = capsys.readouterr().err
     assert "cannot audit Redis" in err and "127.0.0.1" in err
     assert "s3cret-pw" not in err
+
+
+@pytest.fixture
+def cluster_user(redis_cluster: EmbeddedCluster) -> Iterator[tuple[str, str]]:
+    """A user with a password on every node (ACLs are per node), removed afterwards."""
+    user, password = "auditor", "pw-of-the-auditor"
+    nodes = [redis_cluster.node_url(port) for _, port, _ in redis_cluster.nodes]
+    for url in nodes:
+        with redis.Redis.from_url(url) as one:
+            one.acl_setuser(
+                user, enabled=True, passwords=[f"+{password}"], keys="*", commands=["+@all"]
+            )
+    yield user, password
+    for url in nodes:
+        with redis.Redis.from_url(url) as one:
+            one.acl_deluser(user)
+
+
+def test_audit_logs_in_to_every_node_and_shows_no_password(
+    redis_cluster: EmbeddedCluster,
+    cluster_user: tuple[str, str],
+    prefix: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    user, password = cluster_user
+    seeds = redis_cluster.url.removeprefix("redis+cluster://")
+    url = f"redis+cluster://{user}:{password}@{seeds}"
+    with connect(url) as client:
+        assert all(server.acl_whoami() == user for _, server in primaries(client))
+    assert main(["audit", "--redis-url", url, "--key-prefix", prefix]) == 0
+    assert password not in capsys.readouterr().out
+    wrong = f"redis+cluster://{user}:not-the-password@{seeds}"
+    assert main(["audit", "--redis-url", wrong, "--key-prefix", prefix]) == 2
+    captured = capsys.readouterr()
+    assert "cannot audit Redis" in captured.err
+    assert "not-the-password" not in captured.out + captured.err
