@@ -137,8 +137,11 @@ def run_audit(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         client = connect(config.redis_url)
-    except ValueError as exc:  # redis-py's message for a malformed URL
+    except ValueError as exc:  # a malformed URL; the message names no password
         print(f"relay audit: bad --redis-url: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except redis.RedisError as exc:  # no node of a cluster answers
+        print(f"relay audit: cannot audit Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         report = audit(

@@ -35,9 +35,10 @@ from relay.ops import OpsEndpoints, serve_ops
 from relay.policy_document import PolicyDocument
 from relay.redis.admin import connect
 from relay.redis.checks import (
-    RedisSettings,
-    check_settings,
-    read_settings,
+    NodeSettings,
+    check_nodes,
+    least_safe,
+    read_node_settings,
     redis_allowances,
 )
 from relay.redis.pump import Command, RedisPump
@@ -98,9 +99,10 @@ async def serve_relay(
         )
     redis_url = config.redis_url or (embedded.url if embedded else "")
     try:
-        settings = await trio.to_thread.run_sync(_read_settings, redis_url)
-        for warning in check_settings(settings, redis_allowances(config)):
+        nodes = await trio.to_thread.run_sync(_read_settings, redis_url)
+        for warning in check_nodes(nodes, redis_allowances(config)):
             log.warning("%s", warning)
+        settings = least_safe(nodes)
         metrics = Metrics(config.worker_id or 0)
         pump = RedisPump(
             redis_url,
@@ -169,10 +171,10 @@ async def serve_relay(
             log.info("stopped embedded Valkey")
 
 
-def _read_settings(redis_url: str) -> RedisSettings:
+def _read_settings(redis_url: str) -> list[NodeSettings]:
     client = connect(redis_url)
     try:
-        return read_settings(client)
+        return read_node_settings(client)
     finally:
         client.close()
 

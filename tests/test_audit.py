@@ -121,8 +121,8 @@ def test_contract_5_audit_counts_unsafe_settings_unless_allowed(
         report = audit(client, "relay:", RETENTION_S, wall_ms())
         assert report.settings.save == "3600 1"
         assert [v.split(" is ")[0] for v in report.violations] == [
-            "Redis setting save",
-            "Redis setting maxmemory-policy",
+            f"{private_server.socket_path}: Redis setting save",
+            f"{private_server.socket_path}: Redis setting maxmemory-policy",
         ]
         allowed = audit(client, "relay:", RETENTION_S, wall_ms(), Allowed(True, True))
         assert allowed.ok and len(allowed.warnings) == 2
@@ -217,7 +217,7 @@ def cluster(redis_server: EmbeddedServer) -> Iterator[tuple[RedisClient, RedisCl
         deadline = time.monotonic() + 10
         while not all("cluster_state:ok" in c.execute_command("CLUSTER", "INFO") for c in (a, b)):
             assert time.monotonic() < deadline, "the cluster did not form"
-        yield stack.enter_context(connect(servers[0].url, cluster=True)), b
+        yield stack.enter_context(connect(f"redis+cluster://127.0.0.1:{servers[0].port}")), b
 
 
 def test_contract_5_audit_on_a_cluster_reads_every_primary(

@@ -4,8 +4,10 @@ A Redis that snapshots (`save`) or logs (`appendonly yes`) keeps copies of
 messages on disk that outlive their deletion in memory; a `maxmemory-policy`
 other than `noeviction` lets Redis drop undelivered messages silently when it
 runs out of memory; a slow log (`slowlog-log-slower-than` not negative) keeps
-the arguments of slow commands, message bodies among them. Managed Redis often disables CONFIG: then the settings
-cannot be verified, and the operator is told what to check by hand.
+the arguments of slow commands, message bodies among them. Managed Redis often
+disables CONFIG: then the settings cannot be verified, and the operator is told
+what to check by hand. Every primary of a cluster is checked, and each finding
+names its node.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from typing import Literal
 
 import attrs
 import redis
-from redis.cluster import ClusterNode
 
 from relay.config import Config
 from relay.errors import UnsafeRedis
-from relay.redis.admin import RedisClient
+from relay.redis.admin import RedisClient, primaries
 
 ALLOW_PERSISTENT_FLAG = "--allow-persistent-redis"
 ALLOW_EVICTION_FLAG = "--allow-eviction"
@@ -81,6 +82,14 @@ def _read(server: redis.Redis, name: str) -> str | None:
         return None
 
 
+@attrs.frozen
+class NodeSettings:
+    """The settings of one primary, named `host:port` (or its socket path)."""
+
+    node: str
+    settings: RedisSettings
+
+
 def _least_safe(name: str, values: list[str | None]) -> str | None:
     """An unsafe value if any server has one, else None if any could not be read."""
     for value in values:
@@ -91,23 +100,37 @@ def _least_safe(name: str, values: list[str | None]) -> str | None:
     return values[0]
 
 
-def read_settings(client: RedisClient) -> RedisSettings:
-    """Read the settings with CONFIG GET; on a cluster, the least safe value of all primaries."""
-    if isinstance(client, redis.RedisCluster):
-        primaries: list[ClusterNode] = client.get_primaries()  # type: ignore[no-untyped-call]
-        servers = [client.get_redis_connection(node) for node in primaries]
-    else:
-        servers = [client]
-
-    def least_safe(name: str) -> str | None:
-        return _least_safe(name, [_read(server, name) for server in servers])
-
+def read_server_settings(server: redis.Redis) -> RedisSettings:
+    """Read one server's settings with CONFIG GET."""
     return RedisSettings(
-        save=least_safe("save"),
-        appendonly=least_safe("appendonly"),
-        maxmemory_policy=least_safe("maxmemory-policy"),
-        slowlog_log_slower_than=least_safe("slowlog-log-slower-than"),
+        save=_read(server, "save"),
+        appendonly=_read(server, "appendonly"),
+        maxmemory_policy=_read(server, "maxmemory-policy"),
+        slowlog_log_slower_than=_read(server, "slowlog-log-slower-than"),
     )
+
+
+def read_node_settings(client: RedisClient) -> list[NodeSettings]:
+    """Read the settings of every primary."""
+    return [NodeSettings(node, read_server_settings(server)) for node, server in primaries(client)]
+
+
+def least_safe(nodes: list[NodeSettings]) -> RedisSettings:
+    """Each setting's least safe value over the nodes: what the policy document shows."""
+    every = [n.settings for n in nodes]
+    return RedisSettings(
+        save=_least_safe("save", [s.save for s in every]),
+        appendonly=_least_safe("appendonly", [s.appendonly for s in every]),
+        maxmemory_policy=_least_safe("maxmemory-policy", [s.maxmemory_policy for s in every]),
+        slowlog_log_slower_than=_least_safe(
+            "slowlog-log-slower-than", [s.slowlog_log_slower_than for s in every]
+        ),
+    )
+
+
+def read_settings(client: RedisClient) -> RedisSettings:
+    """The least safe settings of all primaries (see `least_safe`)."""
+    return least_safe(read_node_settings(client))
 
 
 def _checked(settings: RedisSettings, allowed: Allowed) -> list[tuple[str, str | None, bool]]:
@@ -157,6 +180,25 @@ def evaluate_settings(settings: RedisSettings, allowed: Allowed) -> tuple[list[s
 def check_settings(settings: RedisSettings, allowed: Allowed) -> list[str]:
     """Raise UnsafeRedis if the settings break the contract; return the warnings to log."""
     violations, warnings = evaluate_settings(settings, allowed)
+    if violations:
+        raise UnsafeRedis("; ".join(violations))
+    return warnings
+
+
+def evaluate_nodes(nodes: list[NodeSettings], allowed: Allowed) -> tuple[list[str], list[str]]:
+    """`evaluate_settings` on every node; each message starts with the node's name."""
+    violations: list[str] = []
+    warnings: list[str] = []
+    for node in nodes:
+        found, warned = evaluate_settings(node.settings, allowed)
+        violations += [f"{node.node}: {v}" for v in found]
+        warnings += [f"{node.node}: {w}" for w in warned]
+    return violations, warnings
+
+
+def check_nodes(nodes: list[NodeSettings], allowed: Allowed) -> list[str]:
+    """Raise UnsafeRedis if any node breaks the contract (naming it); return the warnings."""
+    violations, warnings = evaluate_nodes(nodes, allowed)
     if violations:
         raise UnsafeRedis("; ".join(violations))
     return warnings
