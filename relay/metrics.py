@@ -126,6 +126,13 @@ class Metrics:
             registry=r,
         )
         self.hub_reconnects = Counter("relay_hub_reconnects", "Pub/sub reconnects", registry=r)
+        self.redis_redirections = Counter(
+            "relay_redis_redirections",
+            "Redis commands resent because a reply proved they did not run, by reply "
+            "(moved, ask, wait: TRYAGAIN or CLUSTERDOWN, reresolve: READONLY)",
+            ["reply"],
+            registry=r,
+        )
         self.hub_ignored_notices = Counter(
             "relay_hub_ignored_notices",
             "Pub/sub replies and notices the relay did not publish or expect, ignored",

@@ -40,7 +40,7 @@ from relay.redis.checks import (
     read_settings,
     redis_allowances,
 )
-from relay.redis.pump import RedisPump
+from relay.redis.pump import Command, RedisPump
 from relay.session import CLOSE_TIMEOUT_S, Services
 from relay.store_redis import Quota, RedisMailboxStore
 from relay.web_routes import WebFile, head_too_large, is_upgrade, respond
@@ -103,7 +103,10 @@ async def serve_relay(
             log.warning("%s", warning)
         metrics = Metrics(config.worker_id or 0)
         pump = RedisPump(
-            redis_url, timeout_s=config.redis_timeout_s, on_batch=metrics.observe_batch
+            redis_url,
+            timeout_s=config.redis_timeout_s,
+            on_batch=metrics.observe_batch,
+            on_redirection=lambda reply: metrics.redis_redirections.labels(reply).inc(),
         )
         store = RedisMailboxStore(
             pump,
@@ -113,7 +116,7 @@ async def serve_relay(
             quota=Quota(config.max_mailbox_messages, config.max_mailbox_bytes),
         )
         hub = Hub(
-            redis_url,
+            pump.topology,
             lambda mailbox: store.keys(mailbox).channel,
             on_reconnect=metrics.hub_reconnects.inc,
             on_ignored=metrics.hub_ignored_notices.inc,
@@ -306,11 +309,17 @@ async def _readiness(services: Services, pump: RedisPump) -> list[str]:
         problems.append("shutting down")
     if (hub_problem := services.hub.problem) is not None:
         problems.append(hub_problem)
+    if (topology_problem := pump.problem()) is not None:
+        problems.append(topology_problem)
     with trio.move_on_after(READINESS_TIMEOUT_S):
-        try:
-            await pump.execute("PING")
-        except (redis.RedisError, RelayError):
-            problems.append("Redis unreachable")
+        pings = [Command(("PING",), node=node) for node in pump.nodes()]
+        replies = await pump.execute_many(pings)
+        unreachable = [
+            n for n, r in zip(pump.nodes(), replies, strict=False) if isinstance(r, Exception)
+        ]
+        if unreachable:
+            where = f" ({', '.join(unreachable)})" if len(replies) > 1 else ""
+            problems.append(f"Redis unreachable{where}")
         return problems
     problems.append("Redis did not answer PING in time")
     return problems
@@ -318,12 +327,18 @@ async def _readiness(services: Services, pump: RedisPump) -> list[str]:
 
 async def _sample_oldest(store: RedisMailboxStore, metrics: Metrics) -> None:
     """Now and then, look at some mailboxes' oldest waiting message (metrics only)."""
-    cursor = 0
+    cursors: dict[str, int] = {}  # one SCAN cursor per primary
     while True:
         await trio.sleep(SAMPLE_INTERVAL_S)
+        oldest: list[int] = []
         try:
-            cursor, oldest_ms = await store.sample_oldest(cursor)
+            for node in store.pump.nodes():
+                cursors[node], oldest_ms = await store.sample_oldest(
+                    cursors.get(node, 0), node=node
+                )
+                if oldest_ms is not None:
+                    oldest.append(oldest_ms)
         except (redis.RedisError, RelayError):
             continue
-        age_s = 0.0 if oldest_ms is None else max(time.time() - oldest_ms / 1000, 0.0)
+        age_s = max(time.time() - min(oldest) / 1000, 0.0) if oldest else 0.0
         metrics.oldest_undelivered_age.set(age_s)

@@ -194,7 +194,7 @@ class RedisMailboxStore:
                 ttl_s * 1000,
                 self.quota.max_messages,
                 self.quota.max_bytes,
-                keys.channel,
+                self.pump.publish,
                 "0" if ref is None else "1",
                 f"{message_id} {expires_at_ms} {request}",
                 self.retention_s * 1000,
@@ -206,7 +206,13 @@ class RedisMailboxStore:
             commands.append(
                 Command.call(
                     SEND,
-                    (keys.idx, keys.tally, keys.msg(message_id), keys.ref_prefix + tag),
+                    (
+                        keys.idx,
+                        keys.tally,
+                        keys.msg(message_id),
+                        keys.ref_prefix + tag,
+                        keys.channel,
+                    ),
                     args,
                     merge,
                 )
@@ -266,8 +272,8 @@ class RedisMailboxStore:
         keys = self.keys(mailbox)
         start = Command.call(
             START,
-            (keys.idx, keys.tally),
-            (keys.msg_prefix, self.retention_s * 1000, keys.channel, notice),
+            (keys.idx, keys.tally, keys.channel),
+            (keys.msg_prefix, self.retention_s * 1000, self.pump.publish, notice),
         )
         epoch = self._epoch_command()
         started, current = await self.pump.execute_many([start, epoch])
@@ -318,12 +324,18 @@ class RedisMailboxStore:
             (self.dedupe_window_s * 1000, keys.ref_prefix, *unique),
         )
 
-    async def sample_oldest(self, cursor: int, count: int = 1000) -> tuple[int, int | None]:
-        """One SCAN step over mailbox indexes: the next cursor, and the earliest send
-        time (ms) among the oldest waiting messages of the mailboxes seen."""
-        cursor, keys = await self.pump.execute(
-            "SCAN", cursor, "MATCH", glob_escape(self.prefix) + "*:idx", "COUNT", count
-        )
+    async def sample_oldest(
+        self, cursor: int, count: int = 1000, node: str | None = None
+    ) -> tuple[int, int | None]:
+        """One SCAN step over mailbox indexes (on one primary of a cluster: `node`, a
+        label of `pump.nodes()`): the next cursor, and the earliest send time (ms)
+        among the oldest waiting messages of the mailboxes seen."""
+        pattern = glob_escape(self.prefix) + "*:idx"
+        scan = Command(("SCAN", cursor, "MATCH", pattern, "COUNT", count), node=node)
+        (reply,) = await self.pump.execute_many([scan])
+        if isinstance(reply, Exception):
+            raise reply
+        cursor, keys = reply
         heads = await self.pump.execute_many([Command(("ZRANGE", key, 0, 0)) for key in keys])
         sent = [message_sent_ms(h[0]) for h in heads if isinstance(h, list) and h]
         known = [ms for ms in sent if ms is not None]

@@ -17,8 +17,10 @@ from relay_fixtures import DEADLINE_S, RelayFactory, receive_until, token
 
 from relay.client import open_relay
 from relay.hub import Hub
+from relay.redis.address import parse
 from relay.redis.admin import RedisClient
 from relay.redis.connection import ConnectionLost, RedisConnection
+from relay.redis.topology import Topology
 from relay.store_redis import Keys
 
 pytest_plugins = ["relay_fixtures"]
@@ -132,7 +134,7 @@ async def feed(hub: Hub, data: bytes) -> None:
 
 
 async def test_arbitrary_resp_replies_never_raise_out_of_the_hub() -> None:
-    hub = Hub("redis://127.0.0.1:1", lambda mailbox: mailbox)
+    hub = Hub(Topology(parse("redis://127.0.0.1:1"), timeout_s=1), lambda mailbox: mailbox)
     recorder = Recorder()
     hub._wanted["ch"] = {recorder}
 

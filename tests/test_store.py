@@ -351,9 +351,9 @@ async def test_send_script_run_twice_stores_one_message(
     keys = store.keys("bob")
     message_id = new_message_id(now_ms())
     args: tuple[object, ...] = (message_id, f'{{"id":"{message_id}","body":"x"}}', 60_000, 10)
-    args += (10_000, keys.channel)
+    args += (10_000, store.pump.publish)
     args += ("0", "", 3_600_000, "", NO_REF)
-    script_keys = (keys.idx, keys.tally, keys.msg(message_id), keys.base + "ref:-")
+    script_keys = (keys.idx, keys.tally, keys.msg(message_id), keys.base + "ref:-", keys.channel)
     with trio.fail_after(DEADLINE_S):
         first = await store.pump.run_script(SEND, script_keys, args)
         again = await store.pump.run_script(SEND, script_keys, args)

@@ -1,6 +1,8 @@
 -- Store copies of messages for one recipient, index them, and publish each.
--- KEYS: idx, tally, msg, ref (the first message's)
--- ARGV: of the first message: id, envelope, ttl_ms, max_messages, max_bytes, channel,
+-- KEYS: idx, tally, msg, ref (the first message's), channel (a key: SPUBLISH shares
+--       the mailbox's cluster slot)
+-- ARGV: of the first message: id, envelope, ttl_ms, max_messages, max_bytes,
+--       publish ('PUBLISH' or, on a cluster, 'SPUBLISH'),
 --       use_ref ('1' or '0'), ref record value, retention_ms, fingerprint, tag;
 --       of each further one: id, envelope, ttl_ms, ref record value ('' for none),
 --       tag (its keys are named as the first one's are)
@@ -19,7 +21,7 @@
 local LONG_BYTES = 1024
 local idx, tally = KEYS[1], KEYS[2]
 local max_messages, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
-local channel, retention_ms = ARGV[6], ARGV[9]
+local channel, publish, retention_ms = KEYS[5], ARGV[6], ARGV[9]
 local msg_prefix = string.sub(KEYS[3], 1, #KEYS[3] - #ARGV[1])
 local ref_prefix = string.sub(msg_prefix, 1, -5) .. 'ref:' -- '<mailbox base>msg:' less 'msg:'
 
@@ -117,7 +119,7 @@ for i = 1, 1 + (#ARGV - 11) / 5 do
       pending[#pending + 1] = s
       pending[#pending + 1] = id
     end
-    redis.call('PUBLISH', channel, s .. ' ' .. envelope)
+    redis.call(publish, channel, s .. ' ' .. envelope)
     if n == e or expires < m then
       m = expires
     end

@@ -4,7 +4,8 @@
 -- or when the index holds more than the tally counts (a tally gone wrong).
 -- When a notice is given, publish it on the mailbox's channel: other sessions
 -- of the mailbox learn they are replaced.
--- KEYS: idx, tally   ARGV: msg key prefix, retention_ms, channel, notice ('' for none)
+-- KEYS: idx, tally, channel
+-- ARGV: msg key prefix, retention_ms, publish ('PUBLISH' or 'SPUBLISH'), notice ('' for none)
 -- Returns {expired, live messages, live bytes}.
 local idx, tally = KEYS[1], KEYS[2]
 local n, b, s, m, e, changed = load(idx, tally, ARGV[1])
@@ -31,6 +32,6 @@ elseif changed or expired > 0 then
   save(tally, n, b, s, m, 0, ARGV[2], redis.pcall)
 end
 if ARGV[4] ~= '' then
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  redis.call(ARGV[3], KEYS[3], ARGV[4])
 end
 return {expired, n, b}

@@ -7,6 +7,12 @@ trip); under load batches grow while the Trio loop serves WebSockets during
 each round trip, and throughput follows. Under load a batch also waits a few
 scheduler passes while other tasks keep adding to it (`_next_batch`).
 
+The topology (`relay.redis.topology`) routes each command: to the one server,
+to the primary Sentinel names, or to the cluster primary that owns the slot of
+its first key; each node has its own pipeline in a batch, run side by side.
+Replies that prove a command did not run (MOVED, ASK, TRYAGAIN, CLUSTERDOWN,
+READONLY) resend it where the reply says, up to MAX_REDIRECTIONS times.
+
 Failure model:
 - a command that fails (a Lua error, a wrong type) fails only its own caller;
   a script Redis does not know (NOSCRIPT, after a restart or SCRIPT FLUSH) is
@@ -19,8 +25,9 @@ Failure model:
   timed out), Unconfirmed once it was written (Redis may have run it). A
   batch is never sent twice. The requests queued behind a broken batch fail
   at once with StorageUnavailable, unsent, rather than each waiting out a
-  timeout of its own; the next batch opens a fresh connection, so the pump
-  recovers by itself once Redis is back;
+  timeout of its own (on a cluster: those that go to the broken node only);
+  the next batch opens a fresh connection, so the pump recovers by itself once
+  Redis is back;
 - a caller cancelled before its batch was sent is dropped from the batch; a
   caller cancelled later does not cancel the command, it only stops waiting.
 
@@ -43,12 +50,18 @@ import attrs
 import redis
 import trio
 
-from relay.errors import StorageUnavailable, Unconfirmed
-from relay.redis.connection import ConnectionLost, RedisConnection, pack
+from relay.errors import StorageUnavailable
+from relay.redis.address import parse
+from relay.redis.cluster import redirection
+from relay.redis.connection import pack
+from relay.redis.link import NodeLink
+from relay.redis.topology import Topology, topology_for
 
 log = logging.getLogger(__name__)
 
 COALESCE_PASSES = 4  # scheduler passes a batch waits at most for more requests
+MAX_REDIRECTIONS = 5  # resends of one command that MOVED, ASK, TRYAGAIN… proved unrun
+REDIRECT_WAIT_S = 0.05  # the first wait after TRYAGAIN or CLUSTERDOWN; doubles each time
 
 
 @attrs.frozen
@@ -77,11 +90,13 @@ class Merge:
 
 @attrs.frozen
 class Command:
-    """One Redis command, or one script call when `script` is set."""
+    """One Redis command, or one script call when `script` is set; `node` pins a
+    command without keys (SCAN) to one primary, by its label."""
 
     args: tuple[Any, ...]
     script: LuaScript | None = None
     merge: Merge | None = None
+    node: str | None = None
 
     @classmethod
     def call(
@@ -112,6 +127,7 @@ class PumpStatistics:
 
 
 BatchObserver = Callable[[int, float], None]
+RedirectionObserver = Callable[[str], None]  # told "moved", "ask", "wait" or "reresolve"
 
 
 class RedisPump:
@@ -125,14 +141,17 @@ class RedisPump:
         max_pending: int = 4096,
         max_batch: int = 1024,
         on_batch: BatchObserver | None = None,
+        on_redirection: RedirectionObserver | None = None,
     ) -> None:
         self.url = url
+        self.topology: Topology = topology_for(parse(url), timeout_s=timeout_s)
+        self.publish = self.topology.publish  # the command the scripts publish with
         self._timeout_s = timeout_s
         self._send, self._receive = trio.open_memory_channel[_Request](max_pending)
         self._max_batch = max_batch
         self._on_batch = on_batch
-        self._connection: RedisConnection | None = None
-        self._broken: str | None = None  # why the last batch lost its connection
+        self._on_redirection = on_redirection
+        self._carried: list[_Request] = []  # queued behind a broken batch, for other nodes
         self._loaded = False  # the last batch held several requests
         self._batches = 0
         self._commands = 0
@@ -170,11 +189,19 @@ class RedisPump:
             raise
         return request.results
 
+    def nodes(self) -> list[str]:
+        """The labels of the primaries, for commands that run on each (`Command.node`)."""
+        return [link.label for link in self.topology.links()]
+
+    def problem(self) -> str | None:
+        """Why some commands cannot be served now (no primary owns a slot), for /readyz."""
+        return self.topology.problem()
+
     def statistics(self) -> PumpStatistics:
         return PumpStatistics(
             batches=self._batches,
             commands=self._commands,
-            queued=self._receive.statistics().current_buffer_used,
+            queued=self._receive.statistics().current_buffer_used + len(self._carried),
             last_batch_size=self._last_batch_size,
             last_batch_s=self._last_batch_s,
         )
@@ -182,28 +209,35 @@ class RedisPump:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The pump loop. Cancel it to stop: the batch in flight finishes, queued callers
         get StorageUnavailable."""
-        task_status.started()
         try:
-            while True:
-                batch = await self._next_batch()
-                try:
-                    # A batch once started runs to its end (bounded by timeout_s), so
-                    # its callers learn what happened to commands Redis may have run.
-                    with trio.CancelScope(shield=True):
-                        await self._run_batch([r for r in batch if not r.abandoned])
-                    if self._broken is not None:
-                        self._fail_queued(f"Redis unavailable: {self._broken}; not sent")
-                        self._broken = None
-                finally:
-                    for request in batch:
-                        if len(request.results) != len(request.commands):
-                            request.results = _failed(request, "the Redis pump stopped")
-                        request.done.set()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.topology.run)
+                task_status.started()
+                await self._serve()
         finally:
             self._send.close()
             self._fail_queued()
-            if self._connection is not None:
-                await self._connection.aclose()
+            for link in self.topology.links():
+                await link.discard()
+
+    async def _serve(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            try:
+                # A batch once started runs to its end (bounded by timeout_s), so
+                # its callers learn what happened to commands Redis may have run.
+                with trio.CancelScope(shield=True):
+                    broken = await self._run_batch([r for r in batch if not r.abandoned])
+                if broken:
+                    why = "; ".join(f"{link.label}: {link.broken}" for link in broken)
+                    self._fail_queued(f"Redis unavailable ({why}); not sent", broken)
+                    for link in broken:
+                        link.broken = None
+            finally:
+                for request in batch:
+                    if len(request.results) != len(request.commands):
+                        request.results = _failed(request, "the Redis pump stopped")
+                    request.done.set()
 
     async def _next_batch(self) -> list[_Request]:
         """Wait for one request, then take every request pending, up to max_batch.
@@ -213,14 +247,16 @@ class RedisPump:
         session's sends, each starting the next) leave together, in fewer and larger
         pipelines, and a session's sends to one mailbox run as one script. A lone
         request after a quiet spell leaves at once."""
-        batch = [await self._receive.receive()]
+        batch = [self._carried.pop(0) if self._carried else await self._receive.receive()]
         size = len(batch[0].commands)
         idle = 0
         for passes in range(COALESCE_PASSES + 1):
             taken = size
             while size < self._max_batch:
                 try:
-                    request = self._receive.receive_nowait()
+                    request = (
+                        self._carried.pop(0) if self._carried else self._receive.receive_nowait()
+                    )
                 except trio.WouldBlock:
                     break
                 batch.append(request)
@@ -235,12 +271,13 @@ class RedisPump:
         self._loaded = len(batch) > 1
         return batch
 
-    async def _run_batch(self, batch: list[_Request]) -> None:
+    async def _run_batch(self, batch: list[_Request]) -> list[NodeLink]:
+        """Run the batch; the links that lost their connection doing it."""
         commands = [c for r in batch for c in r.commands]
         if not commands:
-            return
+            return []
         started = time.perf_counter()
-        results = await self._execute(commands)
+        results, broken = await self._execute(commands)
         elapsed = time.perf_counter() - started
         offset = 0
         for request in batch:
@@ -252,39 +289,28 @@ class RedisPump:
         self._last_batch_s = elapsed
         if self._on_batch is not None:
             self._on_batch(len(commands), elapsed)
+        return broken
 
-    async def _execute(self, commands: list[Command]) -> list[Any]:
-        """One pipeline, then a second for the scripts Redis did not know."""
+    async def _execute(self, commands: list[Command]) -> tuple[list[Any], list[NodeLink]]:
+        """Each command's reply, and the links that broke. Commands are merged, packed,
+        routed, sent (one pipeline per node), and resent where a reply proves they did
+        not run."""
         results: list[Any] = [None] * len(commands)
-        units: list[tuple[Command, list[int]]] = []  # what is sent, and whose reply it is
-        packed: list[bytes] = []
+        units: list[tuple[Command, list[int], bytes]] = []  # what is sent, whose reply it is
         for command, owners in _merged(commands):
             try:
-                packed.append(pack(command.args))
-                units.append((command, owners))
+                units.append((command, owners, pack(command.args)))
             except (TypeError, UnicodeError) as exc:  # this command cannot be sent at all
                 if len(owners) == 1:
                     results[owners[0]] = redis.DataError(f"cannot encode the command: {exc}")
                     continue
                 for i in owners:  # each on its own, so that only the bad one fails
                     try:
-                        packed.append(pack(commands[i].args))
-                        units.append((commands[i], [i]))
+                        units.append((commands[i], [i], pack(commands[i].args)))
                     except (TypeError, UnicodeError) as exc:
                         results[i] = redis.DataError(f"cannot encode the command: {exc}")
-        replies = await self._pipeline(packed)
-        missing = [
-            k
-            for k, reply in enumerate(replies)
-            if isinstance(reply, redis.exceptions.NoScriptError)
-        ]
-        if missing:
-            sources = {c.script.source for k in missing if (c := units[k][0]).script}
-            loads = [pack(("SCRIPT", "LOAD", source)) for source in sources]
-            again = await self._pipeline(loads + [packed[k] for k in missing])
-            for k, reply in zip(missing, again[len(loads) :], strict=True):
-                replies[k] = reply
-        for (_, owners), reply in zip(units, replies, strict=True):
+        replies = await self._send_routed(units)
+        for (_, owners, _), reply in zip(units, replies, strict=True):
             if len(owners) == 1:
                 results[owners[0]] = reply
                 continue
@@ -292,61 +318,109 @@ class RedisPump:
             assert merge is not None
             for i, own in zip(owners, _split(merge, reply, len(owners)), strict=True):
                 results[i] = own
-        return results
+        broken = [link for link in self.topology.links() if link.broken is not None]
+        for link in broken:
+            self.topology.lost(link)
+        return results, broken
 
-    async def _pipeline(self, packed: list[bytes]) -> list[Any]:
-        """Send packed commands on the connection and read their replies. On a failure
-        the connection is thrown away and each command still owed a reply is answered
-        StorageUnavailable if it was never written, Unconfirmed if it was."""
-        if not packed:
-            return []
-        replies: list[Any] = []
-        written = False
-        try:
-            with trio.fail_after(self._timeout_s):
-                connection = await self._connected()
-                written = True  # from here on Redis may run any of them
-                await connection.send(b"".join(packed))
-                while len(replies) < len(packed):
-                    replies.append(await connection.reply())
-                return replies
-        except (ConnectionLost, OSError, trio.TooSlowError, redis.RedisError) as exc:
-            await self._discard()
-            self._broken = why = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-            error: Exception = (
-                Unconfirmed(f"Redis did not confirm the request ({why}); it may have been stored")
-                if written
-                else StorageUnavailable(f"Redis unavailable: {why}")
-            )
-            return replies + [error] * (len(packed) - len(replies))
-        except BaseException:
-            await self._discard()  # cancelled mid-batch: replies are owed on it
-            raise
+    async def _send_routed(self, units: list[tuple[Command, list[int], bytes]]) -> list[Any]:
+        replies: list[Any] = [None] * len(units)
+        todo = list(range(len(units)))
+        redirected: dict[int, NodeLink] = {}  # resend to this link (MOVED, ASK)
+        asking: set[int] = set()  # resend after ASKING (ASK)
+        for attempt in range(MAX_REDIRECTIONS + 1):
+            groups: dict[NodeLink, list[int]] = {}
+            for k in todo:
+                command = units[k][0]
+                try:
+                    link = redirected.get(k) or self.topology.link_for(command.args, command.node)
+                except StorageUnavailable as exc:
+                    replies[k] = exc
+                    continue
+                groups.setdefault(link, []).append(k)
+            if len(groups) == 1:
+                ((link, ks),) = groups.items()
+                await self._send_to(link, ks, units, replies, asking)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for link, ks in groups.items():
+                        nursery.start_soon(self._send_to, link, ks, units, replies, asking)
+            todo, wait = [], False
+            for k in (k for ks in groups.values() for k in ks):
+                found = redirection(replies[k])
+                if found is None or attempt == MAX_REDIRECTIONS:
+                    continue
+                if self._on_redirection is not None:
+                    self._on_redirection(found.how)
+                target = self.topology.redirected(found)
+                redirected.pop(k, None)
+                asking.discard(k)
+                if target is not None:
+                    redirected[k] = target
+                if found.how == "ask":
+                    asking.add(k)
+                wait = wait or found.how == "wait"
+                todo.append(k)
+            if not todo:
+                break
+            if wait:
+                await trio.sleep(REDIRECT_WAIT_S * 2**attempt)
+        return replies
 
-    async def _connected(self) -> RedisConnection:
-        connection = self._connection
-        # A connection whose end is already seen (a Redis restart, a proxy's idle
-        # timeout) is not written to: what is written there ends up unconfirmed.
-        if connection is not None and not connection.looks_closed():
-            return connection
-        await self._discard()
-        self._connection = await RedisConnection.open(self.url)
-        return self._connection
+    async def _send_to(
+        self,
+        link: NodeLink,
+        ks: list[int],
+        units: list[tuple[Command, list[int], bytes]],
+        replies: list[Any],
+        asking: set[int],
+    ) -> None:
+        """Send units `ks` to one link; ASK's resends go after an ASKING of their own."""
+        packed: list[bytes] = []
+        sources: list[str | None] = []
+        for k in ks:
+            if k in asking:
+                packed.append(ASKING)
+                sources.append(None)
+            command = units[k][0]
+            packed.append(units[k][2])
+            sources.append(command.script.source if command.script is not None else None)
+        answers = iter(await link.run(packed, sources))
+        for k in ks:
+            if k in asking:
+                next(answers)  # ASKING's +OK (or its error: then the command's tells)
+            replies[k] = next(answers)
 
-    async def _discard(self) -> None:
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            await connection.aclose()
-
-    def _fail_queued(self, why: str = "the Redis pump stopped") -> None:
-        """Answer every queued request StorageUnavailable: none of it was sent."""
+    def _fail_queued(
+        self, why: str = "the Redis pump stopped", broken: list[NodeLink] | None = None
+    ) -> None:
+        """Answer queued requests StorageUnavailable (none of it was sent): all of them,
+        or, after `broken` links, those that go to no other link."""
+        queued, self._carried = self._carried, []
         while True:
             try:
-                request = self._receive.receive_nowait()
+                queued.append(self._receive.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return
+                break
+        for request in queued:
+            if broken is not None and not self._only_to(request, broken):
+                self._carried.append(request)
+                continue
             request.results = _failed(request, why)
             request.done.set()
+
+    def _only_to(self, request: _Request, links: list[NodeLink]) -> bool:
+        """Whether every command of the request goes to one of `links`."""
+        for command in request.commands:
+            try:
+                if self.topology.link_for(command.args, command.node) not in links:
+                    return False
+            except StorageUnavailable:
+                continue
+        return True
+
+
+ASKING = pack(("ASKING",))
 
 
 def _merged(commands: Sequence[Command]) -> list[tuple[Command, list[int]]]:
