@@ -38,13 +38,16 @@
 #      fails over to the other replica; then takes that stack down;
 #   7. runs the Sentinel form (compose.sentinel.yaml and
 #      compose.sentinel.ci.yaml on top of the two files above: a primary, a
-#      replica, three Sentinels) and checks: the data nodes and Sentinels run
-#      as non-root on a read-only root filesystem, the Redis ACL on the
-#      replica (and that the replication and sentinel users reach no key),
-#      the relays' own Redis check through Sentinel, and then that a message
-#      crosses relay-a -> relay-b, `docker stop` of the primary, every
-#      Sentinel names the replica (polled, 60 s deadline) whose ROLE is
-#      master, and a new message crosses on the same two sessions;
+#      replica, three Sentinels; the data nodes and Sentinels first, then the
+#      relays and the load balancer) and checks: the data nodes and Sentinels
+#      run as non-root on a read-only root filesystem, each Sentinel's
+#      configuration on a tmpfs, the Redis ACL on the replica (and that the
+#      replication and sentinel users reach no key), every Sentinel names the
+#      first primary, the relays' own Redis check and `relay audit` through
+#      the Sentinels; then a message crosses relay-a -> relay-b, `docker stop`
+#      of the primary, every Sentinel names the replica (polled, 60 s
+#      deadline) whose ROLE is master, and a new message crosses on the same
+#      two sessions;
 #   8. tears everything down by PID in an EXIT trap: containers, dockerd, its
 #      containerd, the netns mount dockerd leaves, the temp dir, and the few
 #      paths dockerd creates outside its roots; then checks that no process,
@@ -614,6 +617,9 @@ for service in relay-a relay-b; do
   fi
 done
 echo "relay-a and relay-b logged no 'could not verify' warning"
+"$py" -m relay audit --redis-url \
+  "redis+sentinel://relay:$RELAY_REDIS_PASSWORD@$sentinels/relay?sentinel_password=$RELAY_SENTINEL_PASSWORD" ||
+  fail "relay audit through the Sentinels, as the relay user"
 
 step "checks (Sentinel form): a message crosses the relays before and after a failover"
 primary_cid=$(sentinel_compose ps -q redis)
