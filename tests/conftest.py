@@ -1,8 +1,12 @@
-"""Real servers for the tests: an embedded Valkey, and Debian's redis-server when installed.
+"""Real servers for the tests: an embedded Valkey, and Debian's redis-server when installed;
+for the end-to-end suite also a Redis Cluster and a Sentinel-managed primary.
 
-Every test that takes `redis_url` runs once per available server. Servers
-listen on unix sockets in private temporary directories and are stopped by
-PID at the end of the session; each test gets its own key prefix.
+Every test that takes `redis_url` runs once per available server, and the
+end-to-end tests (`test_e2e_*`) that need no particular server process
+(`redis_server`) once more per topology: on a 3-primary cluster and behind
+Sentinel. Servers listen on loopback (single servers on unix sockets) in
+private temporary directories and are stopped by PID at the end of the
+session; each test gets its own key prefix.
 """
 
 from __future__ import annotations
@@ -23,21 +27,46 @@ SERVERS: dict[str, Callable[[], str | None]] = {
     "valkey": valkey_binary,
     "redis": lambda: shutil.which("redis-server"),
 }
+TOPOLOGIES = {"cluster": "redis_cluster", "sentinel": "redis_sentinel"}  # -> their fixture
 _prefixes = itertools.count()
 
+pytest_plugins = ["cluster_fixtures", "sentinel_fixtures"]
 
-@pytest.fixture(scope="session", params=sorted(SERVERS))
-def redis_server(request: pytest.FixtureRequest) -> Iterator[EmbeddedServer]:
-    binary = SERVERS[request.param]()
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run on each server, and the end-to-end suite on each topology too."""
+    if "topology" not in metafunc.fixturenames:
+        return
+    names = sorted(SERVERS)
+    end_to_end = metafunc.module.__name__.startswith("test_e2e_")
+    if end_to_end and "redis_server" not in metafunc.fixturenames:
+        names += list(TOPOLOGIES)
+    metafunc.parametrize("topology", names, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def topology(request: pytest.FixtureRequest) -> str:
+    """The server (valkey, redis) or topology (cluster, sentinel) of this run."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture(scope="session")
+def redis_server(topology: str) -> Iterator[EmbeddedServer]:
+    binary = SERVERS[topology]()
     if binary is None:
-        pytest.skip(f"{request.param}-server is not installed")
+        pytest.skip(f"{topology}-server is not installed")
     with EmbeddedServer(binary=binary) as server:
         yield server
 
 
 @pytest.fixture
-def redis_url(redis_server: EmbeddedServer) -> str:
-    return redis_server.url
+def redis_url(topology: str, request: pytest.FixtureRequest) -> str:
+    if topology in TOPOLOGIES:
+        url: str = request.getfixturevalue(TOPOLOGIES[topology]).url
+        return url
+    server: EmbeddedServer = request.getfixturevalue("redis_server")
+    return server.url
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import logging
 import secrets
 
 import pytest
+import redis
 import trio
 from redis_proxy import RedisProxy
 from relay_fixtures import (
@@ -36,15 +37,21 @@ async def test_foreign_publishes_on_a_mailbox_channel_are_ignored(
     relay: RunningRelay, redis_client: RedisClient, prefix: str
 ) -> None:
     channel = Keys.of(prefix, "bob").channel
+    # Publish as the relay does: on a cluster, sharded (the hub SSUBSCRIBEs there).
+    publish = (
+        redis_client.spublish
+        if isinstance(redis_client, redis.RedisCluster)
+        else redis_client.publish
+    )
     with trio.fail_after(DEADLINE_S):
         async with open_relay(relay.url, token("bob")) as bob:
-            assert redis_client.publish(channel, "not a notice") == 1
-            assert redis_client.publish(channel, b"\xff\xfe 12 \x80") == 1
-            assert redis_client.publish(channel, "123 {not json") >= 1
-            assert redis_client.publish(channel, '² {"id":"x"}') == 1
-            assert redis_client.publish(channel, "9" * 5000 + ' {"id":"x"}') == 1
+            assert publish(channel, "not a notice") == 1
+            assert publish(channel, b"\xff\xfe 12 \x80") == 1
+            assert publish(channel, "123 {not json") >= 1
+            assert publish(channel, '² {"id":"x"}') == 1
+            assert publish(channel, "9" * 5000 + ' {"id":"x"}') == 1
             # the shape of a notice, but not JSON: it would break the deliver frame
-            assert redis_client.publish(channel, '17 {"id":"19ac8e1f2b3-Xk3p9QaZ",') == 1
+            assert publish(channel, '17 {"id":"19ac8e1f2b3-Xk3p9QaZ",') == 1
             async with open_relay(relay.url, token("alice")) as alice:
                 await alice.send("bob", "still here")
             (message,) = await receive_n(bob, 1)

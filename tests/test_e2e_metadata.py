@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 import trio
 from process_fixtures import relay_process
 from relay_fixtures import (
@@ -25,7 +24,7 @@ from relay_fixtures import (
 
 from relay.audit import audit
 from relay.client import open_relay
-from relay.redis.admin import RedisClient
+from relay.redis.admin import RedisClient, primaries
 from relay.store_redis import Keys
 
 pytest_plugins = ["relay_fixtures"]
@@ -33,16 +32,14 @@ pytest_plugins = ["relay_fixtures"]
 WINDOW_S = 2
 
 
-def _dump_everything(redis_url: str, prefix: str) -> bytes:
-    """Every key under the prefix and its DUMP (the serialized value, whatever its type)."""
-    raw = redis.Redis.from_url(redis_url)  # bytes, not decoded: DUMP is binary
-    try:
-        found = []
-        for key in raw.scan_iter(match=prefix + "*", count=1000):
-            found += [key, raw.dump(key) or b""]
-        return b"\n".join(found)
-    finally:
-        raw.close()
+def _dump_everything(redis_client: RedisClient, prefix: str) -> bytes:
+    """Every key under the prefix and its DUMP (the serialized value, whatever its type),
+    on every primary."""
+    found = []
+    for _, node in primaries(redis_client):
+        for key in node.scan_iter(match=prefix + "*", count=1000):
+            found += [key.encode(), node.dump(key) or b""]  # DUMP is never decoded
+    return b"\n".join(found)
 
 
 async def test_after_the_ack_and_the_dedupe_window_nothing_about_the_exchange_remains(
@@ -68,13 +65,13 @@ async def test_after_the_ack_and_the_dedupe_window_nothing_about_the_exchange_re
             assert keys_under(redis_client, Keys.of(prefix, "bob-m").msg_prefix) == []
     (ref_key,) = keys_under(redis_client, prefix)  # the ref record, for the window only
     assert 0 < redis_client.pttl(ref_key) <= WINDOW_S * 1000
-    within = _dump_everything(redis_url, prefix)  # names no one, holds no body
+    within = _dump_everything(redis_client, prefix)  # names no one, holds no body
     for secret in ("alice-m", "ref-of-alice-9f", "hush"):
         assert secret.encode() not in within, secret
     with trio.fail_after(DEADLINE_S):
         await poll_until(lambda: keys_under(redis_client, prefix) == [])
     assert time.monotonic() - acked_at <= WINDOW_S + 1.0
-    everything = _dump_everything(redis_url, prefix)
+    everything = _dump_everything(redis_client, prefix)
     for secret in ("alice-m", "bob-m", message_id, "ref-of-alice-9f", "hush"):
         assert secret.encode() not in everything, secret
 
