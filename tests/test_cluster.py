@@ -10,9 +10,10 @@ import pytest
 import redis
 import trio
 from redis.crc import key_slot
-from relay_fixtures import poll_until, relay_config, serving, token, unique
+from relay_fixtures import DEADLINE_S, http, poll_until, relay_config, serving, token, unique
 
 from relay.client import RelaySession, open_relay
+from relay.embedded import free_loopback_port
 from relay.embedded_cluster import EmbeddedCluster
 from relay.store_redis import Keys
 
@@ -236,3 +237,57 @@ async def test_a_killed_primary_is_replaced_and_the_relay_follows_within_10_s(
 
 
 LOSS_WINDOW_S = 1.0  # README's Durability section: what a failover may lose
+
+
+async def test_readyz_is_503_while_a_slot_has_no_primary_and_200_again_once_it_has(
+    prefix: str,
+) -> None:
+    with EmbeddedCluster(primaries_count=3) as cluster:
+        ports = [member.port for member in cluster.primaries()]
+        slot = slot_of(prefix, "carol")
+        owner = owner_port(ports[0], slot)
+        config = relay_config(cluster.url, prefix, ops_port=free_loopback_port())
+        async with serving(config) as relay:
+            with trio.fail_after(DEADLINE_S):
+                assert (await http(relay.ops_port, "/readyz")).status == 200
+            for port in ports:  # every node forgets who owns the slot
+                with node_client(port) as node:
+                    node.execute_command("CLUSTER", "DELSLOTS", slot)
+
+            async def ready_is(status: int) -> bool:
+                return (await http(relay.ops_port, "/readyz")).status == status
+
+            with trio.fail_after(30):  # the slot table is read again every 5 s
+                await poll_until(lambda: ready_is(503), 0.2)
+            body = (await http(relay.ops_port, "/readyz")).body.decode()
+            assert "no Redis Cluster primary owns 1 of the 16384 slots" in body, body
+            with node_client(owner) as node:
+                node.execute_command("CLUSTER", "ADDSLOTS", slot)
+            with trio.fail_after(30):
+                await poll_until(lambda: ready_is(200), 0.2)
+
+
+async def test_a_primary_that_lost_its_scripts_loads_them_again(
+    redis_cluster: EmbeddedCluster, prefix: str
+) -> None:
+    """NOSCRIPT is per node (a promoted replica, a SCRIPT FLUSH): that node's scripts are
+    loaded again and the command runs; other nodes are not touched."""
+    ports = [member.port for member in redis_cluster.primaries()]
+    async with serving(relay_config(redis_cluster.url, prefix)) as relay:
+        url = f"ws://127.0.0.1:{relay.port}/v1"
+        mailboxes = [unique(f"s{i}") for i in range(12)]
+        async with open_relay(url, token("alice")) as alice:
+            with trio.fail_after(DEADLINE_S):
+                for mailbox in mailboxes:
+                    await alice.send(mailbox, "before")
+                flushed = owner_port(ports[0], slot_of(prefix, mailboxes[0]))
+                with node_client(flushed) as node:
+                    node.script_flush()
+                for mailbox in mailboxes:
+                    await alice.send(mailbox, "after")
+        for mailbox in mailboxes:
+            async with open_relay(url, token(mailbox)) as session:
+                seen: list[str] = []
+                with trio.fail_after(DEADLINE_S):
+                    await drain(session, 2, seen)
+                assert len(set(seen)) == 2

@@ -1,4 +1,4 @@
-"""The wheel installs `relay` and `relay_bench`, and no generic top-level name like `bench`."""
+"""The wheel installs `relay` (all of it) and `relay_bench`, and no generic top-level name like `bench`."""
 
 from __future__ import annotations
 
@@ -34,3 +34,7 @@ def test_wheel_installs_no_top_level_bench(tmp_path: Path) -> None:
     }
     assert top_level == {"relay", "relay_bench"}, top_level
     assert "relay/lua/send.lua" in names and "relay_bench/cli.py" in names
+    # Every module of the package is in the wheel (a subpackage missing from
+    # pyproject.toml's list would install a relay that cannot import it).
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "relay").rglob("*.py")}
+    assert modules <= set(names), sorted(modules - set(names))

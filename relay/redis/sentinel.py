@@ -11,6 +11,14 @@ TYPE normal and pubsub with its REPLICAOF), and a connection opened to a node
 after it became a replica gets `READONLY` for a write: either tells the caller
 to open the primary again. `watch_switches` hears `+switch-master` so the
 caller need not wait for one of those.
+
+Between a replica's promotion and `+switch-master` (about a second: the
+leading Sentinel polls the promoted node's INFO), the old primary still
+answers as one, and what is written there is lost when it is demoted.
+`watch_failovers` listens on every Sentinel (only the leader of a failover
+announces its steps) and reports `+try-failover`, the first step, before any
+replica is promoted, so the caller can stop writing until the switch; and the
+failover's abort.
 """
 
 from __future__ import annotations
@@ -31,6 +39,12 @@ from relay.redis.connection import ConnectionLost, RedisConnection, pack
 log = logging.getLogger(__name__)
 
 SWITCH_CHANNEL = "+switch-master"  # "<name> <old host> <old port> <new host> <new port>"
+FAILOVER_STARTED = "+try-failover"  # "master <name> <host> <port>"
+FAILOVER_ABORTED = (  # the same shape; the old primary stays
+    "-failover-abort-not-elected",
+    "-failover-abort-no-good-slave",
+    "-failover-abort-slave-timeout",
+)
 ROLE_RETRY_S = 0.1  # the first wait before asking again for a node not (yet) primary
 RETRY_S = 0.5  # watch_switches: the first wait after a failed round of Sentinels
 RETRY_MAX_S = 5.0
@@ -260,3 +274,65 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def watch_failovers(
+    address: RedisAddress, on_failover: Callable[[bool], None], *, timeout_s: float
+) -> None:
+    """Call `on_failover(True)` when a Sentinel starts failing our master over, and
+    `on_failover(False)` when it aborts; run until cancelled, never raising for a
+    Sentinel's failure. One subscriber connection on every Sentinel, each kept up
+    on its own (only the failover's leader announces its steps)."""
+    async with trio.open_nursery() as nursery:
+        for sentinel in address.nodes:
+            nursery.start_soon(_watch_failovers_on, address, sentinel, on_failover, timeout_s)
+
+
+async def _watch_failovers_on(
+    address: RedisAddress,
+    sentinel: Node,
+    on_failover: Callable[[bool], None],
+    timeout_s: float,
+) -> None:
+    failures = 0
+    while True:
+        try:
+            with trio.fail_after(timeout_s):
+                connection = await RedisConnection.open(
+                    address.sentinel_url(sentinel), client_name=CLIENT_NAME
+                )
+        except NETWORK_ERRORS:
+            await trio.sleep(_backoff_s(failures))  # watch_switches logs the Sentinels' state
+            failures += 1
+            continue
+        failures = 0
+        try:
+            async with trio.open_nursery() as nursery:
+                await connection.send(pack(("SUBSCRIBE", FAILOVER_STARTED, *FAILOVER_ABORTED)))
+                pong = _Pong()
+                nursery.start_soon(_heartbeat, connection, pong, timeout_s)
+                while True:
+                    started = _failover_news(await connection.reply(), address.master_name, pong)
+                    if started is not None:
+                        on_failover(started)
+        except* NETWORK_ERRORS:
+            pass
+        finally:
+            await connection.aclose()
+        await trio.sleep(_backoff_s(0))
+
+
+def _failover_news(reply: Any, master_name: str | None, pong: _Pong) -> bool | None:
+    """True for a failover of our master started, False for one aborted, else None."""
+    if isinstance(reply, list) and reply and reply[0] == "pong":
+        pong.event.set()
+        return None
+    if not (isinstance(reply, list) and len(reply) == 3 and reply[0] == "message"):
+        return None
+    channel, data = reply[1], reply[2]
+    parts = data.split(" ") if isinstance(data, str) else []
+    if len(parts) < 2 or parts[0] != "master" or parts[1] != master_name:
+        return None
+    if channel == FAILOVER_STARTED:
+        return True
+    return False if channel in FAILOVER_ABORTED else None

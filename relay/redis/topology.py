@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 REFRESH_S = 5.0  # a cluster's slot table is read again at least this often
 REFRESH_GAP_S = 0.2  # and at most this often, however many redirections ask for it
+FAILOVER_PAUSE_S = 10.0  # Sentinel: nothing is written for at most this long after
+# +try-failover, until +switch-master or an abort: what the old primary took meanwhile
+# would be lost when it is demoted
 
 
 class Topology:
@@ -98,8 +102,11 @@ class SentinelTopology(Topology):
         super().__init__(address, timeout_s=timeout_s)
         self._link = NodeLink("primary", self._open_primary, timeout_s=timeout_s)
         self.switches = 0  # primary switches seen: the hub's node is "primary#N"
+        self._paused_until = 0.0  # trio time: no connection opens before it (a failover)
 
     async def _open_primary(self, client_name: str = "relay") -> RedisConnection:
+        if trio.current_time() < self._paused_until:
+            raise StorageUnavailable("Sentinel is failing the primary over")
         return await sentinel.open_primary(
             self.address, client_name=client_name, timeout_s=self.timeout_s
         )
@@ -119,9 +126,29 @@ class SentinelTopology(Topology):
         return await self._open_primary("relay-hub")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await sentinel.watch_switches(
-            self.address, self._switched, timeout_s=self.timeout_s, task_status=task_status
-        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(sentinel.watch_failovers, timeout_s=self.timeout_s),
+                self.address,
+                self._failing_over,
+            )
+            await nursery.start(
+                partial(sentinel.watch_switches, timeout_s=self.timeout_s),
+                self.address,
+                self._switched,
+            )
+            task_status.started()
+
+    def _failing_over(self, started: bool) -> None:
+        """Stop writing when a failover starts (the link reconnects, and cannot until
+        the switch, or the abort, or FAILOVER_PAUSE_S)."""
+        if started:
+            log.warning("Sentinel started a failover; sends wait for the new primary")
+            self._paused_until = trio.current_time() + FAILOVER_PAUSE_S
+            self._link.stale = True
+        else:
+            log.warning("Sentinel aborted the failover; the primary stays")
+            self._paused_until = 0.0
 
     def _switched(self, node: Node) -> None:
         log.warning("Sentinel switched the primary to %s:%d", *node)
@@ -130,6 +157,7 @@ class SentinelTopology(Topology):
     def _switch(self) -> None:
         """The primary changed: the pump reconnects, the hub subscribes anew there."""
         self._link.stale = True
+        self._paused_until = 0.0
         self.switches += 1
         self._announce()
 
