@@ -165,6 +165,7 @@ class RedisMailboxStore:
         self.dedupe_window_s = dedupe_window_s
         self.quota = quota
         self._epoch_refreshed = -EPOCH_REFRESH_S  # time.monotonic() of the last refresh
+        self._epoch: str | None = None  # the epoch as last read
 
     def keys(self, mailbox: str) -> Keys:
         return Keys.of(self.prefix, mailbox)
@@ -277,9 +278,14 @@ class RedisMailboxStore:
         )
         epoch = self._epoch_command()
         started, current = await self.pump.execute_many([start, epoch])
+        if isinstance(current, Exception) and self._epoch is not None:
+            # The epoch lives in one slot: while its cluster primary fails over, the
+            # sessions of every other slot still start, with the epoch as last read.
+            current = self._epoch
         for result in (started, current):
             if isinstance(result, Exception):
                 raise _storage_error(result)
+        self._epoch = str(current)
         self._epoch_refreshed = time.monotonic()
         expired, waiting, _ = started
         return SessionStart(expired=int(expired), waiting=int(waiting), epoch=str(current))

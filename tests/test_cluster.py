@@ -291,3 +291,29 @@ async def test_a_primary_that_lost_its_scripts_loads_them_again(
                 with trio.fail_after(DEADLINE_S):
                     await drain(session, 2, seen)
                 assert len(set(seen)) == 2
+
+
+@pytest.mark.failover
+async def test_sessions_start_while_the_primary_of_the_epoch_key_is_down(
+    redis_cluster_with_replicas: EmbeddedCluster, prefix: str
+) -> None:
+    """The storage's epoch is one key in one slot; with its primary killed, a session on
+    another primary still starts at once (with the epoch as last read), not after the
+    failover."""
+    cluster = redis_cluster_with_replicas
+    ports = [member.port for member in cluster.primaries()]
+    epoch_owner = owner_port(ports[0], key_slot(f"{prefix}epoch".encode()))
+    others = [
+        mailbox
+        for mailbox in (unique(f"o{i}") for i in range(20))
+        if owner_port(ports[0], slot_of(prefix, mailbox)) != epoch_owner
+    ]
+    async with serving(relay_config(cluster.url, prefix)) as relay:
+        url = f"ws://127.0.0.1:{relay.port}/v1"
+        with trio.fail_after(DEADLINE_S):
+            async with open_relay(url, token(others[0])) as first:
+                epoch = first.welcome["epoch"]
+        cluster.kill(epoch_owner)
+        with trio.fail_after(DEADLINE_S):
+            async with open_relay(url, token(others[1])) as second:
+                assert second.welcome["epoch"] == epoch
