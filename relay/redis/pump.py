@@ -348,7 +348,7 @@ class RedisPump:
             todo, wait = [], False
             for k in (k for ks in groups.values() for k in ks):
                 found = redirection(replies[k])
-                if found is None or attempt == MAX_REDIRECTIONS:
+                if found is None or attempt == MAX_REDIRECTIONS or not self.topology.resends:
                     continue
                 if self._on_redirection is not None:
                     self._on_redirection(found.how)

@@ -38,6 +38,7 @@ class Topology:
     """One Redis server (`redis://`, `rediss://`, `unix://`)."""
 
     publish = "PUBLISH"  # the command the scripts publish notices with
+    resends = False  # whether MOVED, ASK, TRYAGAIN, READONLY… are resent (else final)
     subscribe = ("SUBSCRIBE", "UNSUBSCRIBE", "message")  # the hub's commands and reply kind
 
     def __init__(self, address: RedisAddress, *, timeout_s: float) -> None:
@@ -97,6 +98,8 @@ class Topology:
 
 class SentinelTopology(Topology):
     """The primary a group of Sentinels names; followed across failovers."""
+
+    resends = True  # READONLY: the primary changed
 
     def __init__(self, address: RedisAddress, *, timeout_s: float) -> None:
         super().__init__(address, timeout_s=timeout_s)
@@ -166,6 +169,7 @@ class ClusterTopology(Topology):
     """A Redis Cluster: each command goes to the primary that owns its first key's slot."""
 
     publish = "SPUBLISH"
+    resends = True
     subscribe = ("SSUBSCRIBE", "SUNSUBSCRIBE", "smessage")
 
     def __init__(self, address: RedisAddress, *, timeout_s: float) -> None:
