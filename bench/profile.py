@@ -22,7 +22,13 @@ RATE_HZ = 200
 STOP_TIMEOUT_S = 30.0
 TOP = 15
 # Frames every sample of the main thread passes through: they say nothing.
-ENTRY_FRAMES = ("main (relay/cli.py", "run_serve (relay/cli.py", "<module> (relay/__main__.py")
+ENTRY_FRAMES = (
+    "main (relay/cli.py",
+    "run_serve (relay/cli.py",
+    "<module> (relay/__main__.py",
+    "<module> (relay/workers.py",
+    "run_worker (relay/workers.py",
+)
 
 
 def py_spy() -> str | None:
@@ -85,7 +91,7 @@ def summarize(path: str) -> dict[str, Any]:
                 continue
             n = int(count)
             frames = stack.split(";")
-            if frames[0].startswith("process "):  # --subprocesses: the worker's PID first
+            while frames[0].startswith("process "):  # --subprocesses: supervisor, worker
                 frames = frames[1:]
             total += n
             threads[_thread_name(frames[0])] += n

@@ -5,10 +5,10 @@ socket, so it can count Redis commands and check keys), or with `--redis
 cluster` a private 3-primary Redis Cluster (relay.embedded_cluster, on
 loopback ports), and then the relay as a real process, `python -m relay
 serve` (with `--workers N`, a supervisor and its N workers), pinned with
-`taskset -c` when asked; with a RelayTree (--baseline), that commit's relay. The calibration's echo
-server (echo_server.py) is started the same way. All are stopped by PID at
-the end: SIGTERM, a wait, then SIGKILL; all get SIGTERM if the bench itself
-dies (PR_SET_PDEATHSIG).
+`taskset -c` when asked; with a RelayTree (--baseline), that commit's relay.
+The calibration's echo server (echo_server.py) is started the same way. All
+are stopped by PID at the end: SIGTERM, a wait, then SIGKILL; all get SIGTERM
+if the bench itself dies (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
