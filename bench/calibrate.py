@@ -50,5 +50,7 @@ def calibration_options(o: BenchOptions) -> BenchOptions:
         metrics_url=None,
         baseline=None,
         flood_cpu=None,
+        redis="single",  # the echo server has no Redis and runs as one process
+        workers=1,
         profile=o.profile and o.workload == "calibrate",
     )

@@ -89,7 +89,9 @@ def measure(
             stack.callback(redis.close)
         bench_run = Run(options, target, run_id, time.monotonic(), console, redis, failures)
         if profile_path and target.relay_pid:
-            bench_run.profiler = Profiler(target.relay_pid, profile_path)
+            bench_run.profiler = Profiler(
+                target.relay_pid, profile_path, subprocesses=options.workers > 1
+            )
         outcome: Outcome = WORKLOADS[options.workload](bench_run)
         alive = _alive(target)
     if target.spawned and not alive:
@@ -116,15 +118,18 @@ def _target(
         url = f"ws://127.0.0.1:{echo.port}/v1"
         return Target(url, echo.secret, None, "", echo.pid, True, kind="echo"), []
     if options.spawn:
-        relay = stack.enter_context(SpawnedRelay(options.relay_cpu, spawn_args(options), tree))
+        relay = SpawnedRelay(
+            options.relay_cpu, spawn_args(options), tree, options.redis, options.workers
+        )
+        stack.enter_context(relay)
         target = Target(
             url=f"ws://127.0.0.1:{relay.port}/v1",
             secret=relay.secret,
-            redis_url=relay.valkey.url,
+            redis_url=relay.redis_url,
             key_prefix="relay:",
             relay_pid=relay.pid,
             spawned=True,
-            metrics_url=relay.metrics_url,
+            metrics_urls=relay.metrics_urls,
         )
         return target, relay.dropped_args
     assert options.url is not None and options.jwt_secret is not None
@@ -135,7 +140,7 @@ def _target(
         key_prefix=options.key_prefix,
         relay_pid=options.relay_pid,
         spawned=False,
-        metrics_url=options.metrics_url,
+        metrics_urls=(options.metrics_url,) if options.metrics_url else (),
     )
     return target, []
 

@@ -24,6 +24,8 @@ WORKLOADS = (
     "flood",
     "calibrate",
 )
+REDIS_KINDS = ("single", "cluster")
+CLUSTER_PRIMARIES = 3
 
 # flood: the spawned relay keeps its default rate limit (acks count as frames too)
 RELAY_RATE_LIMIT = Config().rate_limit_per_s
@@ -82,6 +84,8 @@ class BenchOptions:
     calibrate: bool = True  # measure the echo server's ceiling first
     baseline: str | None = None  # --spawn: also run the relay of this git commit
     flood_cpu: str | None = None  # flood: taskset CPU list of the flooding process
+    redis: str = "single"  # --spawn: one Valkey, or a 3-primary cluster ("cluster")
+    workers: int = 1  # --spawn: the relay's worker processes (`relay serve --workers`)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +148,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "report both and their ratios",
     )
     add(
+        "--redis",
+        choices=REDIS_KINDS,
+        default="single",
+        help="--spawn: one Valkey (single, the default) or a 3-primary Redis Cluster (cluster)",
+    )
+    add(
+        "--workers",
+        type=int,
+        default=1,
+        help="--spawn: relay worker processes sharing the port (relay serve --workers; default 1)",
+    )
+    add(
         "--flood-cpu",
         help="flood: taskset CPU list of the flooding process (default: the generator's)",
     )
@@ -180,6 +196,8 @@ def from_args(args: argparse.Namespace) -> BenchOptions:
         calibrate=args.calibrate,
         baseline=args.baseline,
         flood_cpu=args.flood_cpu,
+        redis=args.redis,
+        workers=args.workers,
         **chosen,
     )
     _validate(options)
@@ -190,10 +208,21 @@ def _validate(o: BenchOptions) -> None:
     if o.workload == "calibrate":
         if o.url or o.baseline:
             raise ValueError("calibrate starts its own echo server: no --url or --baseline")
+        if o.redis != "single" or o.workers != 1:
+            raise ValueError("calibrate starts only the echo server: no --redis or --workers")
     elif not o.spawn and not o.url:
         raise ValueError("say where the relay is: --spawn, or --url ws://HOST:PORT/v1")
     elif o.baseline and not o.spawn:
         raise ValueError("--baseline starts the other commit's relay: use it with --spawn")
+    if o.redis != "single" and not o.spawn:
+        raise ValueError(
+            f"--redis {o.redis} says what Redis the bench starts: use it with --spawn "
+            "(with --url, the relay's own --redis-url decides)"
+        )
+    if o.workers != 1 and not o.spawn:
+        raise ValueError("--workers sets the worker processes of a relay the bench starts: --spawn")
+    if o.workers < 1:
+        raise ValueError("--workers must be at least 1")
     if o.flood_cpu and o.workload != "flood":
         raise ValueError("--flood-cpu pins the flooding process of the flood workload")
     if o.flood_cpu:

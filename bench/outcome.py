@@ -81,6 +81,15 @@ def generator_cpu(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def cores_text(relay: Mapping[str, Any]) -> str:
+    """The relay's CPU use: a share of one core, or with workers, cores of the processes."""
+    util = relay.get("cpu_util") or 0.0
+    processes = relay.get("processes", 1)
+    if processes <= 1:
+        return f"{util:.0%} of a core"
+    return f"{util:.2f} cores over {processes} relay processes"
+
+
 def bottleneck(
     relay: Mapping[str, Any], generator: Mapping[str, Any], machine: Mapping[str, Any]
 ) -> str:
@@ -89,8 +98,9 @@ def bottleneck(
     parts = []
     if other >= NOISY_CORES:
         parts.append(f"CPU taken by other processes ({other:.2f} cores)")
-    if relay_util is not None and (relay_util > SATURATED or (main or 0) > SATURATED):
-        parts.append(f"relay CPU ({relay_util:.0%} of a core, Trio thread {main:.0%})")
+    cores = relay.get("cores", 1)
+    if relay_util is not None and (relay_util > SATURATED * cores or (main or 0) > SATURATED):
+        parts.append(f"relay CPU ({cores_text(relay)}, Trio thread {main:.0%})")
     if generator.get("saturated"):
         parts.append(
             f"load generator CPU (max {max(generator['cpu_util']):.0%} of a core per process)"
@@ -100,7 +110,7 @@ def bottleneck(
     if relay_util is None:
         return "unknown (relay PID not known)"
     return (
-        f"neither CPU saturated (relay {relay_util:.0%}, Trio thread {main or 0:.0%}): "
+        f"neither CPU saturated (relay {cores_text(relay)}, Trio thread {main or 0:.0%}): "
         "bound by latency and window, Redis, or CPUs shared with other processes"
     )
 
@@ -146,6 +156,14 @@ def summarize_round(
     }
 
 
+def reads_text(redis: Mapping[str, Any]) -> str:
+    """Redis's read events (about one per pipeline a client sent) and calls per read."""
+    return (
+        f"{redis['reads']:,} reads ({redis['reads_per_msg']} per msg, "
+        f"{redis['calls_per_read']} calls each)"
+    )
+
+
 def cost_rows(outcome: Outcome, s: Mapping[str, Any], label: str = "") -> None:
     """Rows of what messages cost; `label` prefixes them when a run has several rounds."""
     relay, redis, gen = s["relay"], s["redis"], s["generator"]
@@ -157,7 +175,7 @@ def cost_rows(outcome: Outcome, s: Mapping[str, Any], label: str = "") -> None:
     if relay.get("cpu_s") is not None:
         row(
             "relay CPU",
-            f"{relay['cpu_us_per_msg']} µs/msg, {relay['cpu_util']:.0%} of a core "
+            f"{relay['cpu_us_per_msg']} µs/msg, {cores_text(relay)} "
             f"(Trio thread {relay['main_thread_cpu_util']:.0%})",
         )
     pump = relay.get("internals") or {}
@@ -174,6 +192,14 @@ def cost_rows(outcome: Outcome, s: Mapping[str, Any], label: str = "") -> None:
             "Redis per msg",
             f"{redis['calls_per_msg']} calls ({redis['scripts_per_msg']} scripts), "
             f"{redis['cpu_us_per_msg']} µs CPU",
+        )
+    if redis.get("reads"):
+        row("Redis reads", reads_text(redis))
+    for name, node in (redis.get("nodes") or {}).items():
+        row(
+            f"Redis node {name}",
+            f"{node['calls_per_msg']} calls ({node['scripts_per_msg']} scripts), "
+            f"{node['cpu_us_per_msg']} µs CPU per msg; {reads_text(node)}",
         )
     if s.get("frames_per_msg"):
         row("frames per msg", f"{s['frames_per_msg']} ({s['msgs_per_deliver_frame']} msgs/deliver)")

@@ -1,7 +1,8 @@
 """`--profile`: where the relay's time goes, sampled with py-spy while the workload runs.
 
 py-spy (in the `bench` extra) attaches to the relay's PID from the run's
-first gate to its last, sampling every thread, without pausing the relay
+first gate to its last, sampling every thread (and with `--workers N`, every
+worker: `--subprocesses`), without pausing the relay
 (`--nonblocking`). The collapsed stacks are written next to the results (for
 flamegraph.pl or speedscope), and the report lists each thread's share of the
 samples and the functions that used the most, by themselves and inclusively.
@@ -21,7 +22,13 @@ RATE_HZ = 200
 STOP_TIMEOUT_S = 30.0
 TOP = 15
 # Frames every sample of the main thread passes through: they say nothing.
-ENTRY_FRAMES = ("main (relay/cli.py", "run_serve (relay/cli.py", "<module> (relay/__main__.py")
+ENTRY_FRAMES = (
+    "main (relay/cli.py",
+    "run_serve (relay/cli.py",
+    "<module> (relay/__main__.py",
+    "<module> (relay/workers.py",
+    "run_worker (relay/workers.py",
+)
 
 
 def py_spy() -> str | None:
@@ -30,9 +37,10 @@ def py_spy() -> str | None:
 
 
 class Profiler:
-    def __init__(self, pid: int, path: str) -> None:
+    def __init__(self, pid: int, path: str, subprocesses: bool = False) -> None:
         self.pid = pid
         self.path = path  # collapsed stacks ("raw" format)
+        self.subprocesses = subprocesses  # `--workers N`: sample the workers too
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -42,6 +50,8 @@ class Profiler:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         command = [binary, "record", "-p", str(self.pid), "-r", str(RATE_HZ), "-f", "raw"]
         command += ["-o", self.path, "--threads", "--nonblocking"]
+        if self.subprocesses:
+            command.append("--subprocesses")
         self._process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -81,6 +91,8 @@ def summarize(path: str) -> dict[str, Any]:
                 continue
             n = int(count)
             frames = stack.split(";")
+            while frames[0].startswith("process "):  # --subprocesses: supervisor, worker
+                frames = frames[1:]
             total += n
             threads[_thread_name(frames[0])] += n
             own[frames[-1]] += n

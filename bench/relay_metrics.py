@@ -1,7 +1,8 @@
 """The relay's own account of a run, from its Prometheus `/metrics` (the ops port).
 
-The spawned relay gets an ops port on 127.0.0.1; with --url, `--metrics-url`
-points at one. Between two scrapes the bench reports how the Redis pump
+The spawned relay gets an ops port on 127.0.0.1 (with `--workers N`, worker i
+serves it on the ops port + i, and the bench sums them); with --url,
+`--metrics-url` points at one. Between two scrapes the bench reports how the Redis pump
 batched (commands per pipeline, time per pipeline, and how busy the pump
 was) and the relay's own store-to-deliver latency.
 """
@@ -9,6 +10,7 @@ was) and the relay's own store-to-deliver latency.
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
 TIMEOUT_S = 5.0
@@ -42,6 +44,19 @@ def scrape(url: str) -> dict[str, float] | None:
         if name in WANTED:
             found[name] = found.get(name, 0.0) + float(value)
     return found
+
+
+def scrape_all(urls: Sequence[str]) -> dict[str, float] | None:
+    """The wanted samples summed over the relay's workers (one URL each); None when there
+    are none, or when one scrape fails."""
+    total: dict[str, float] = {}
+    for url in urls:
+        found = scrape(url)
+        if found is None:
+            return None
+        for name, value in found.items():
+            total[name] = total.get(name, 0.0) + value
+    return total or None
 
 
 def delta(

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from . import compare
 from .measured import Measured
-from .options import BenchOptions
+from .options import CLUSTER_PRIMARIES, BenchOptions
 from .outcome import Outcome, us
 
 
@@ -33,7 +33,22 @@ def _server(options: BenchOptions, m: Measured) -> dict[str, Any]:
         "welcome": welcome,
         "relay_cpu": options.relay_cpu,
         "client_cpu": options.client_cpu,
+        "workers": options.workers if target.kind == "relay" else 1,
+        "redis": options.redis if target.spawned and target.kind == "relay" else None,
     }
+
+
+def redis_text(relay: dict[str, Any]) -> str:
+    """The relay's workers and the Redis it ran on, for the report's header."""
+    workers = relay.get("workers", 1)
+    kind = relay.get("redis")
+    if kind == "cluster":
+        where = f"spawned Redis Cluster, {CLUSTER_PRIMARIES} primaries ({relay['redis_url']})"
+    elif kind == "single":
+        where = "spawned Valkey (one server)"
+    else:
+        where = relay.get("redis_url") or "not known"
+    return f"{workers} worker(s); {where}"
 
 
 def _loop(o: BenchOptions) -> dict[str, Any]:
@@ -260,6 +275,7 @@ def markdown(result: dict[str, Any], outcome: Outcome) -> str:
         f" {what} CPU {relay['relay_cpu'] or 'not pinned'},"
         f" generator CPU {relay['client_cpu'] or 'not pinned'},"
         f" {result['options']['procs']} generator process(es) |",
+        f"| relay processes, Redis | {redis_text(relay)} |",
         f"| calibration ceiling | {ceiling_text(result)} |",
     ]
     base = result.get("baseline")

@@ -9,6 +9,7 @@ While the run goes on it samples this run's Redis keys for TTLs.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,11 +23,25 @@ from .options import BenchOptions
 from .procs import CONNECTED, DELIVERED, SENT, WorkerFailed, WorkerSpec, run_workers, split
 from .profile import Profiler
 from .redis_probe import RedisProbe
-from .relay_metrics import delta, scrape
-from .system import machine_busy_s, process_cpu_s, process_rss_bytes
+from .relay_metrics import delta, scrape_all
+from .system import machine_busy_s, parse_cpus, process_cpu_s, process_rss_bytes, process_tree
 from .target import Target
 
 KEYS_LEFT_WAIT_S = 3.0
+
+
+def _relay_processes(pid: int) -> dict[str, Any] | None:
+    """CPU seconds and RSS of the relay's processes (a supervisor's workers included)
+    summed, and each one's main-thread CPU seconds by PID; None when it is gone."""
+    cpu, main, rss = 0.0, {}, 0
+    for each in process_tree(pid):
+        total, own = process_cpu_s(each), process_cpu_s(each, each)
+        if total is None or own is None:
+            continue
+        cpu += total
+        main[each] = own
+        rss += process_rss_bytes(each) or 0
+    return {"cpu_s": cpu, "main_cpu_s": main, "rss": rss} if main else None
 
 
 @attrs.define
@@ -58,31 +73,44 @@ class Run:
 
     def snapshot(self, name: str) -> None:
         pid = self.target.relay_pid
+        relay = _relay_processes(pid) if pid else None
         self.snapshots[name] = {
             "t": time.monotonic(),
-            "relay_cpu_s": process_cpu_s(pid) if pid else None,
-            "relay_main_cpu_s": process_cpu_s(pid, pid) if pid else None,
-            "relay_rss": process_rss_bytes(pid) if pid else None,
+            "relay_cpu_s": relay["cpu_s"] if relay else None,
+            "relay_main_cpu_s": relay["main_cpu_s"] if relay else None,
+            "relay_rss": relay["rss"] if relay else None,
             "machine_busy_s": machine_busy_s(),
             "bench_cpu_s": time.process_time(),
             "redis": self.probe.snapshot() if self.probe else None,
-            "metrics": scrape(self.target.metrics_url) if self.target.metrics_url else None,
+            "metrics": scrape_all(self.target.metrics_urls),
         }
 
+    @property
+    def relay_cores(self) -> int:
+        """How many cores the relay's processes can keep busy: its workers, at most the
+        CPUs it is pinned to (or the machine's)."""
+        o = self.options
+        cpus = len(parse_cpus(o.relay_cpu)) if o.relay_cpu else os.cpu_count() or 1
+        return min(o.workers, cpus) if o.spawn else 1
+
     def relay_cost(self, start: str, end: str, messages: int) -> dict[str, Any]:
-        """The relay's CPU between two snapshots: seconds, share of one core (the whole
-        process, and its main thread, where the Trio loop runs), µs per message."""
+        """The relay's CPU between two snapshots (the supervisor and its workers summed):
+        seconds, cores used (the processes, and the busiest main thread, where a Trio loop
+        runs), µs per message."""
         a, b = self.snapshots[start], self.snapshots[end]
         wall = b["t"] - a["t"]
         internals = delta(a["metrics"], b["metrics"], wall)
         if a["relay_cpu_s"] is None or b["relay_cpu_s"] is None:
             return {"internals": internals} if internals else {}
         cpu = b["relay_cpu_s"] - a["relay_cpu_s"]
-        main = (b["relay_main_cpu_s"] or 0.0) - (a["relay_main_cpu_s"] or 0.0)
+        before, after = a["relay_main_cpu_s"], b["relay_main_cpu_s"]
+        main = max((after[p] - before[p] for p in after if p in before), default=0.0)
         return {
             "internals": internals,
             "cpu_s": round(cpu, 3),
             "cpu_util": round(cpu / wall, 3) if wall > 0 else None,
+            "cores": self.relay_cores,
+            "processes": len(after),
             "main_thread_cpu_util": round(main / wall, 3) if wall > 0 else None,
             "cpu_us_per_msg": round(cpu * 1e6 / messages, 1) if messages else None,
             "rss_bytes": b["relay_rss"],

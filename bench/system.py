@@ -96,6 +96,26 @@ def process_cpu_s(pid: int, thread: int | None = None) -> float | None:
     return (utime + stime) / CLOCK_TICKS
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a supervisor's workers), from the parent PIDs in /proc."""
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as file:
+                ppid = int(file.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(parents.get(current, []))
+    return tree
+
+
 def machine_busy_s() -> float:
     """CPU seconds all CPUs spent busy since boot (user, nice, system, irq, softirq, steal)."""
     with open("/proc/stat") as file:

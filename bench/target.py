@@ -1,12 +1,14 @@
 """The server under test: a relay given by --url, or one the bench starts (--spawn) and stops.
 
 With --spawn the bench starts a private Valkey (relay.embedded, on a unix
-socket, so it can count Redis commands and check keys) and then the relay as
-a real process, `python -m relay serve`, pinned with `taskset -c` when asked;
-with a RelayTree (--baseline), that commit's relay. The calibration's echo
-server (echo_server.py) is started the same way. All are stopped by PID at
-the end: SIGTERM, a wait, then SIGKILL; all get SIGTERM if the bench itself
-dies (PR_SET_PDEATHSIG).
+socket, so it can count Redis commands and check keys), or with `--redis
+cluster` a private 3-primary Redis Cluster (relay.embedded_cluster, on
+loopback ports), and then the relay as a real process, `python -m relay
+serve` (with `--workers N`, a supervisor and its N workers), pinned with
+`taskset -c` when asked; with a RelayTree (--baseline), that commit's relay.
+The calibration's echo server (echo_server.py) is started the same way. All
+are stopped by PID at the end: SIGTERM, a wait, then SIGKILL; all get SIGTERM
+if the bench itself dies (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from relay.embedded import EmbeddedServer, free_loopback_port
+from relay.embedded_cluster import EmbeddedCluster
 
 from . import wire
 from .baseline import RelayTree
+from .options import CLUSTER_PRIMARIES
+from .relay_metrics import scrape
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -49,7 +54,7 @@ class Target:
     key_prefix: str
     relay_pid: int | None
     spawned: bool
-    metrics_url: str | None = None  # the relay's Prometheus /metrics
+    metrics_urls: tuple[str, ...] = ()  # the relay's Prometheus /metrics (one per worker)
     welcome: dict[str, Any] = attrs.field(factory=dict)
     kind: str = "relay"  # or "echo": the calibration server, which stores nothing
 
@@ -147,29 +152,51 @@ class Spawned:
 
 
 class SpawnedRelay(Spawned):
-    """A relay process on a private Valkey; a context manager that always cleans up.
+    """A relay process on a private Valkey or Redis Cluster; a context manager that always
+    cleans up. The Redis processes inherit the bench's own pinning (`--client-cpu`).
 
     With a `tree` (another commit's sources, see baseline.py) the relay is that
     commit's code, run by the same Python with the tree first on its path."""
 
     def __init__(
-        self, relay_cpu: str | None, extra_args: list[str], tree: RelayTree | None = None
+        self,
+        relay_cpu: str | None,
+        extra_args: list[str],
+        tree: RelayTree | None = None,
+        redis: str = "single",
+        workers: int = 1,
     ) -> None:
         super().__init__("relay", relay_cpu)
         self.extra_args = extra_args
         self.tree = tree
+        self.workers = workers
         self.secret = secrets.token_urlsafe(32)
-        self.valkey = EmbeddedServer()
+        self.valkey = EmbeddedServer() if redis == "single" else None
+        self.cluster = (
+            EmbeddedCluster(primaries_count=CLUSTER_PRIMARIES) if redis == "cluster" else None
+        )
         self.ops_port = 0
         self.dropped_args: list[str] = []  # flags the tree's relay does not know
 
     @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ops_port}/metrics"
+    def redis_url(self) -> str:
+        if self.cluster is not None:
+            return self.cluster.url
+        assert self.valkey is not None
+        return self.valkey.url
+
+    @property
+    def metrics_urls(self) -> tuple[str, ...]:
+        """Worker i serves /metrics on the ops port + i (one worker: the ops port)."""
+        return tuple(f"http://127.0.0.1:{self.ops_port + i}/metrics" for i in range(self.workers))
 
     def __enter__(self) -> SpawnedRelay:
         try:
-            self.valkey.start()
+            if self.cluster is not None:
+                self.cluster.start()
+            else:
+                assert self.valkey is not None
+                self.valkey.start()
             self._start_relay()
         except BaseException:
             self.stop()
@@ -177,9 +204,11 @@ class SpawnedRelay(Spawned):
         return self
 
     def _start_relay(self) -> None:
-        self.port, self.ops_port = free_loopback_port(), free_loopback_port()
+        self.port, self.ops_port = free_loopback_port(), free_port_run(self.workers)
         args = ["--host", "127.0.0.1", "--port", str(self.port), "--ops-port", str(self.ops_port)]
-        args += ["--log-level", "warning", "--redis-url", self.valkey.url, *self.extra_args]
+        args += ["--log-level", "warning", "--redis-url", self.redis_url, *self.extra_args]
+        if self.workers > 1:
+            args += ["--workers", str(self.workers)]
         env = {**os.environ, "RELAY_JWT_SECRET": self.secret}  # not on the command line: ps
         cwd = None
         if self.tree is not None:
@@ -187,11 +216,46 @@ class SpawnedRelay(Spawned):
             env["PYTHONPATH"] = self.tree.path
             cwd = self.tree.path  # `python -m` puts the working directory first on the path
         self.start([sys.executable, "-m", "relay", "serve", *args], env, cwd)
+        self._wait_workers()
+
+    def _wait_workers(self) -> None:
+        """The port answers once one worker listens: wait until every worker's /metrics
+        does, so that the kernel spreads the run's connections over all of them."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for url in self.metrics_urls:
+            while scrape(url) is None:
+                if self._process is None or self._process.poll() is not None:
+                    raise TargetError(f"the relay exited on start:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise TargetError(f"relay worker {url} did not answer in {START_TIMEOUT_S} s")
+                time.sleep(0.05)
 
     def stop(self) -> None:
-        """Stop the relay by its PID, then the Valkey, then remove the private directory."""
+        """Stop the relay by its PID, then the Valkey or the cluster, then remove the
+        private directory."""
         super().stop()
-        self.valkey.stop()
+        if self.valkey is not None:
+            self.valkey.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
+def free_port_run(count: int, attempts: int = 100) -> int:
+    """A loopback port P such that P .. P + count - 1 are all free now."""
+    for _ in range(attempts):
+        first = free_loopback_port()
+        if all(_bindable(first + i) for i in range(1, count)):
+            return first
+    raise TargetError(f"no run of {count} free loopback ports found")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class SpawnedEcho(Spawned):

@@ -8,6 +8,7 @@ from . import worker_drain
 from .measure import merge, percentiles
 from .outcome import (
     Outcome,
+    cores_text,
     cost_rows,
     keys_left_rows,
     latency_rows,
@@ -63,7 +64,7 @@ def drain(run: Run) -> Outcome:
     if store_relay.get("cpu_s") is not None:
         outcome.row(
             "store: relay CPU",
-            f"{store_relay['cpu_us_per_msg']} µs/msg, {store_relay['cpu_util']:.0%} of a core",
+            f"{store_relay['cpu_us_per_msg']} µs/msg, {cores_text(store_relay)}",
         )
     outcome.row(
         "drain", f"{s['delivered']:,} in {s['duration_s']} s = {s['msgs_per_s'] or 0:,} msgs/s"

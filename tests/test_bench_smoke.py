@@ -7,6 +7,7 @@ it these tests are skipped.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,53 @@ def test_baseline_needs_a_spawned_relay_and_a_known_commit(tmp_path: Path) -> No
     done = bench(tmp_path, *TINY_RUN, "--no-calibrate", "--baseline", "no-such-ref-here")
     assert done.returncode == 2
     assert "no-such-ref-here" in done.stderr
+
+
+def test_cluster_run_with_two_workers_checks_every_primary_and_stops_the_cluster(
+    tmp_path: Path,
+) -> None:
+    """`--redis cluster` runs the relay on a 3-primary cluster: Redis counters are read on
+    every primary and summed, the stored keys' TTLs are checked on each, and the nodes stop
+    at the end; `--workers 2` sums the CPU and /metrics of both workers."""
+    done = bench(tmp_path, "drain", "--spawn", *TINY, "--redis", "cluster", "--workers", "2",
+                 "--no-calibrate", "--out", "out")  # fmt: skip
+    result = result_of(done, tmp_path / "out", "drain")
+    assert result["ok"] is True, result["failures"]
+    assert result["relay"]["redis"] == "cluster"
+    assert result["relay"]["redis_url"].startswith("redis+cluster://")
+    assert result["relay"]["workers"] == 2
+    metrics = result["results"]
+    assert result["sent"] == result["delivered"] == 100
+    assert metrics["keys_left"] == 0
+    assert metrics["ttl_keys_checked"] >= 100  # the stored messages, found on the primaries
+    drain = metrics["drain"]
+    nodes = drain["redis"]["nodes"]
+    assert len(nodes) == 3
+    assert sum(n["calls_total"] for n in nodes.values()) == sum(drain["redis"]["calls"].values())
+    assert drain["redis"]["cpu_us_per_msg"] > 0 and drain["redis"]["reads"] > 0
+    assert drain["relay"]["processes"] == 3  # the supervisor and its two workers
+    assert drain["relay"]["internals"]["delivered"] == 100  # both workers' /metrics
+    for name in nodes:  # every node of the cluster was stopped
+        host, _, port = name.rpartition(":")
+        with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=1):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("throughput", "--url", "ws://127.0.0.1:1/v1", "--redis", "cluster"), "--redis cluster"),
+        (("throughput", "--url", "ws://127.0.0.1:1/v1", "--workers", "2"), "--workers"),
+        (("calibrate", "--redis", "cluster"), "no --redis or --workers"),
+        (("throughput", "--spawn", "--workers", "0"), "--workers must be at least 1"),
+    ],
+)
+def test_redis_and_workers_options_go_with_a_spawned_relay(
+    tmp_path: Path, args: tuple[str, ...], says: str
+) -> None:
+    done = bench(tmp_path, *args, "--jwt-secret", "s" * 32)
+    assert done.returncode == 2
+    assert says in done.stderr
 
 
 def test_out_of_order_delivery_fails_the_run_loudly() -> None:
