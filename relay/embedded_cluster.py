@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from contextlib import ExitStack, suppress
 from types import TracebackType
 
@@ -19,7 +18,7 @@ import attrs
 import redis
 from redis.crc import key_slot
 
-from relay.embedded import EmbeddedServer, free_loopback_port, valkey_binary
+from relay.embedded import EmbeddedServer, free_loopback_port, valkey_binary, wait_until
 
 SLOTS = 16384
 HOST = "127.0.0.1"
@@ -101,7 +100,12 @@ class EmbeddedCluster:
             create += [f"{HOST}:{port}" for _, port, _ in self.nodes]
             create += ["--cluster-replicas", str(self.replicas_per_primary), "--cluster-yes"]
             subprocess.run(create, check=True, capture_output=True, timeout=timeout_s)
-            self._wait_formed(time.monotonic() + timeout_s)
+            want_replicas = self.primaries_count * self.replicas_per_primary
+            wait_until(
+                "the Redis Cluster forms",
+                lambda: self._formed(len(self._servers), want_replicas),
+                timeout_s,
+            )
         except BaseException:
             self.stop()
             raise
@@ -115,13 +119,6 @@ class EmbeddedCluster:
             *("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"),
         ]
         return EmbeddedServer(binary=self.binary, port=free_loopback_port(), extra_args=tuple(args))
-
-    def _wait_formed(self, deadline: float) -> None:
-        want_replicas = self.primaries_count * self.replicas_per_primary
-        while not self._formed(len(self._servers), want_replicas):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the Redis Cluster did not form in time")
-            time.sleep(0.02)
 
     def _formed(self, want_nodes: int, want_replicas: int) -> bool:
         for _, port, _ in self.nodes:

@@ -314,11 +314,9 @@ async def _readiness(services: Services, pump: RedisPump) -> list[str]:
     if (topology_problem := pump.problem()) is not None:
         problems.append(topology_problem)
     with trio.move_on_after(READINESS_TIMEOUT_S):
-        pings = [Command(("PING",), node=node) for node in pump.nodes()]
-        replies = await pump.execute_many(pings)
-        unreachable = [
-            n for n, r in zip(pump.nodes(), replies, strict=False) if isinstance(r, Exception)
-        ]
+        nodes = pump.nodes()
+        replies = await pump.execute_many([Command(("PING",), node=node) for node in nodes])
+        unreachable = [n for n, r in zip(nodes, replies, strict=True) if isinstance(r, Exception)]
         if unreachable:
             where = f" ({', '.join(unreachable)})" if len(replies) > 1 else ""
             problems.append(f"Redis unreachable{where}")

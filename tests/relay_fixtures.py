@@ -217,6 +217,27 @@ async def poll_until(
         await trio.sleep(interval_s)
 
 
+async def send_steadily(
+    session: RelaySession,
+    mailbox: str,
+    stop: trio.Event,
+    accepted: list[tuple[float, str]],
+    refused: list[str],
+) -> None:
+    """Send to `mailbox`, one message at a time, until `stop`: each accepted message as
+    (monotonic time of its answer, id) in `accepted`, each refusal's code in `refused`;
+    after a refusal the next try waits 50 ms (or the stop)."""
+    while not stop.is_set():
+        try:
+            answer = await session.send(mailbox, "x")
+        except Exception as exc:  # refused while Redis fails over
+            refused.append(getattr(exc, "code", type(exc).__name__))
+            with trio.move_on_after(0.05):
+                await stop.wait()
+            continue
+        accepted.append((time.monotonic(), answer["ids"][mailbox]))
+
+
 def keys_under(redis_client: RedisClient, prefix: str) -> list[str]:
     """Every Redis key under `prefix`, sorted (SCAN, not KEYS), but the storage's epoch
     key (`<prefix>epoch`: one per deployment, a random id, about no mailbox or message)."""

@@ -25,15 +25,20 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
 import pytest
 import redis
 
-from relay.embedded import EmbeddedServer, die_with_parent, free_loopback_port, valkey_binary
+from relay.embedded import (
+    EmbeddedServer,
+    die_with_parent,
+    free_loopback_port,
+    valkey_binary,
+    wait_until,
+)
 from relay.redis.address import Node
 
 MASTER_NAME = "relaymaster"
@@ -47,15 +52,6 @@ FAILOVER_S = 30.0
 HOST = "127.0.0.1"
 # Full syncs at once and through memory: no 5 s wait for more replicas, no RDB file.
 REPLICATION = ("--repl-diskless-sync-delay", "0", "--repl-diskless-load", "swapdb")
-
-
-def _until(what: str, condition: Callable[[], bool], timeout_s: float) -> None:
-    """Poll `condition` (sync: the fixture runs outside Trio) until it holds, or raise."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s} s")
-        time.sleep(0.05)
 
 
 def _client(port: int) -> redis.Redis:
@@ -161,7 +157,7 @@ class SentinelGroup:
         try:
             primary = self._start_node(())
             self._start_node(("--replicaof", HOST, str(primary)))
-            _until(
+            wait_until(
                 "the replica is in sync",
                 lambda: self._replicates(self.data_ports[1]),
                 READY_S,
@@ -205,7 +201,9 @@ class SentinelGroup:
             )
 
         try:
-            _until("every Sentinel knows the group", lambda: all(map(known, self._live())), READY_S)
+            wait_until(
+                "every Sentinel knows the group", lambda: all(map(known, self._live())), READY_S
+            )
         except TimeoutError as exc:
             logs = "\n".join(s.log_tail() for s in self._sentinels.values())
             raise TimeoutError(f"{exc}\n{logs}") from None
@@ -246,13 +244,13 @@ class SentinelGroup:
                 and self.role(names[0]) == "master"
             )
 
-        _until(f"failover away from {old}", switched, FAILOVER_S)
+        wait_until(f"failover away from {old}", switched, FAILOVER_S)
         return names[0]
 
     def wait_replica(self, node: Node, timeout_s: float = FAILOVER_S) -> None:
         """Until `node` is a replica in sync with the current primary (an old primary is
         turned into one a few seconds after a failover)."""
-        _until(f"{node} replicates", lambda: self._replicates(node[1]), timeout_s)
+        wait_until(f"{node} replicates", lambda: self._replicates(node[1]), timeout_s)
 
     def _named_by(self, port: int) -> Node | None:
         answer = _ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +14,7 @@ import redis
 
 from relay.audit import audit
 from relay.cli import main
-from relay.embedded import EmbeddedServer, die_with_parent, free_loopback_port
+from relay.embedded import EmbeddedServer, die_with_parent, free_loopback_port, wait_until
 from relay.redis.admin import connect, node_name
 from relay.redis.checks import read_node_settings
 
@@ -45,10 +44,7 @@ def sentinel_url() -> Iterator[tuple[str, int]]:
             [binary, conf], stdout=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
         try:
-            deadline = time.monotonic() + 10
-            while not _knows_primary(port):
-                assert time.monotonic() < deadline, "the Sentinel did not come up"
-                time.sleep(0.02)
+            wait_until("the Sentinel comes up", lambda: _knows_primary(port), 10)
             yield f"redis+sentinel://:{PASSWORD}@127.0.0.1:{port}/main", primary.port
         finally:
             sentinel.terminate()

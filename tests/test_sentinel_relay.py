@@ -10,10 +10,10 @@ import time
 
 import pytest
 import trio
-from relay_fixtures import poll_until, relay_config, serving, token, unique
+from relay_fixtures import poll_until, relay_config, send_steadily, serving, token, unique
 from sentinel_fixtures import SentinelGroup
 
-from relay.client import RelaySession, open_relay
+from relay.client import open_relay
 from relay.redis.topology import SentinelTopology
 from relay.store_redis import RedisMailboxStore
 
@@ -40,21 +40,13 @@ async def test_sentinel_failover_under_load_loses_nothing_accepted(
         url = f"ws://127.0.0.1:{relay.port}/v1"
         stop = trio.Event()
 
-        async def steady(alice: RelaySession, mailbox: str) -> None:
-            while not stop.is_set():
-                try:
-                    answer = await alice.send(mailbox, "x")
-                except Exception as exc:  # refused during the switch: the client retries
-                    refused.append(getattr(exc, "code", type(exc).__name__))
-                    await trio.sleep(0.05)
-                    continue
-                accepted[mailbox].append((time.monotonic(), answer["ids"][mailbox]))
-
         with trio.fail_after(60):
             # Nobody reads during the failover: what the new primary holds is what survived.
             async with open_relay(url, token("alice")) as alice, trio.open_nursery() as nursery:
                 for mailbox in mailboxes:
-                    nursery.start_soon(steady, alice, mailbox)
+                    nursery.start_soon(
+                        send_steadily, alice, mailbox, stop, accepted[mailbox], refused
+                    )
                 await poll_until(lambda: all(len(accepted[m]) >= 20 for m in mailboxes))
                 failover_at = time.monotonic()
                 new = await trio.to_thread.run_sync(group.failover)

@@ -46,6 +46,7 @@ class SlotTable:
     def __init__(self, owners: list[Node | None]) -> None:
         assert len(owners) == SLOTS
         self._owners = owners
+        self._primaries: list[Node] | None = None  # derived from the owners, on demand
 
     @classmethod
     def empty(cls) -> SlotTable:
@@ -88,7 +89,9 @@ class SlotTable:
 
     def primaries(self) -> list[Node]:
         """The primaries that own slots, in slot order."""
-        return list(dict.fromkeys(n for n in self._owners if n is not None))
+        if self._primaries is None:
+            self._primaries = list(dict.fromkeys(n for n in self._owners if n is not None))
+        return self._primaries
 
     def unowned(self) -> int:
         """How many slots no primary owns."""
@@ -96,6 +99,7 @@ class SlotTable:
 
     def patch(self, slot: int, node: Node) -> None:
         self._owners[slot] = node
+        self._primaries = None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SlotTable) and self._owners == other._owners

@@ -309,7 +309,7 @@ class RedisPump:
                         units.append((commands[i], [i], pack(commands[i].args)))
                     except (TypeError, UnicodeError) as exc:
                         results[i] = redis.DataError(f"cannot encode the command: {exc}")
-        replies = await self._send_routed(units)
+        replies, used = await self._send_routed(units)
         for (_, owners, _), reply in zip(units, replies, strict=True):
             if len(owners) == 1:
                 results[owners[0]] = reply
@@ -318,13 +318,17 @@ class RedisPump:
             assert merge is not None
             for i, own in zip(owners, _split(merge, reply, len(owners)), strict=True):
                 results[i] = own
-        broken = [link for link in self.topology.links() if link.broken is not None]
+        broken = [link for link in used if link.broken is not None]
         for link in broken:
             self.topology.lost(link)
         return results, broken
 
-    async def _send_routed(self, units: list[tuple[Command, list[int], bytes]]) -> list[Any]:
+    async def _send_routed(
+        self, units: list[tuple[Command, list[int], bytes]]
+    ) -> tuple[list[Any], set[NodeLink]]:
+        """Each unit's reply, and the links the units went to."""
         replies: list[Any] = [None] * len(units)
+        used: set[NodeLink] = set()
         todo = list(range(len(units)))
         redirected: dict[int, NodeLink] = {}  # resend to this link (MOVED, ASK)
         asking: set[int] = set()  # resend after ASKING (ASK)
@@ -345,10 +349,13 @@ class RedisPump:
                 async with trio.open_nursery() as nursery:
                     for link, ks in groups.items():
                         nursery.start_soon(self._send_to, link, ks, units, replies, asking)
+            used.update(groups)
+            if not self.topology.resends:  # one server: its replies are final
+                break
             todo, wait = [], False
             for k in (k for ks in groups.values() for k in ks):
                 found = redirection(replies[k])
-                if found is None or attempt == MAX_REDIRECTIONS or not self.topology.resends:
+                if found is None or attempt == MAX_REDIRECTIONS:
                     continue
                 if self._on_redirection is not None:
                     self._on_redirection(found.how)
@@ -365,7 +372,7 @@ class RedisPump:
                 break
             if wait:
                 await trio.sleep(REDIRECT_WAIT_S * 2**attempt)
-        return replies
+        return replies, used
 
     async def _send_to(
         self,

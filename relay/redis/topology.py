@@ -11,7 +11,6 @@ channel's subscription lives and with which command to subscribe.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -198,18 +197,17 @@ class ClusterTopology(Topology):
                     return link
             raise StorageUnavailable(f"no Redis Cluster primary {node}")
         slot = command_slot(args)
-        owner = self.table.owner(slot) if slot is not None else next(iter(self._primaries()), None)
+        owner = (
+            self.table.owner(slot) if slot is not None else next(iter(self.table.primaries()), None)
+        )
         if owner is None:
             self._refresh.set()
             why = "the slot table is not loaded yet" if not self._loaded else f"slot {slot}"
             raise StorageUnavailable(f"no Redis Cluster primary owns {why}")
         return self._link_of(owner)
 
-    def _primaries(self) -> list[Node]:
-        return self.table.primaries()
-
     def links(self) -> list[NodeLink]:
-        return [self._link_of(node) for node in self._primaries()]
+        return [self._link_of(node) for node in self.table.primaries()]
 
     def redirected(self, redirection: Redirection) -> NodeLink | None:
         if redirection.how in ("moved", "ask") and redirection.node is not None:
@@ -234,7 +232,7 @@ class ClusterTopology(Topology):
         return None
 
     def subscriber_nodes(self) -> list[str]:
-        return [_label(node) for node in self._primaries()]
+        return [_label(node) for node in self.table.primaries()]
 
     def slot_of(self, channel: str) -> int | None:
         return command_slot(("SPUBLISH", channel))
@@ -261,8 +259,7 @@ class ClusterTopology(Topology):
 
     async def _read_table(self) -> None:
         """Ask the known primaries, then the seeds, until one answers."""
-        candidates = list(dict.fromkeys([*self._primaries(), *self.address.nodes]))
-        random.shuffle(candidates[: len(self._primaries())])
+        candidates = list(dict.fromkeys([*self.table.primaries(), *self.address.nodes]))
         for node in candidates:
             try:
                 with trio.fail_after(self.timeout_s):
