@@ -69,12 +69,13 @@ def test_throughput_run_delivers_everything_and_passes_its_checks(tmp_path: Path
 
 
 def test_calibrate_measures_the_echo_servers_ceiling(tmp_path: Path) -> None:
-    """`relay bench calibrate` needs no relay: the echo server answers the generator."""
-    done = bench(tmp_path, "calibrate", *TINY, "--out", "out")
+    """`relay bench calibrate` needs no relay: the echo server answers the generator. 1,000
+    messages: /proc counts CPU in 10 ms ticks, and 100 echoes can take less than one."""
+    done = bench(tmp_path, "calibrate", "--pairs", "2", "--messages", "500", "--out", "out")
     result = result_of(done, tmp_path / "out", "calibrate")
     assert result["ok"] is True, result["failures"]
     assert result["relay"]["kind"] == "echo"
-    assert result["sent"] == result["delivered"] == 100
+    assert result["sent"] == result["delivered"] == 1000
     calibration = result["calibration"]
     assert calibration["loop"]["workload"] == "throughput"
     assert calibration["loop"]["pairs"] == 2
