@@ -88,6 +88,10 @@ class _Link:
 
     node: str
     active: set[str] = attrs.field(factory=set)  # channels subscribed on this connection
+    # Our UNSUBSCRIBEs Redis has not answered yet, per channel. Redis answers each once
+    # per channel, so an answer while one is owed is ours, even if the channel was
+    # subscribed again meanwhile; only the others mean Redis ended a subscription.
+    unsubscribing: dict[str, int] = attrs.field(factory=dict)
     changed: trio.Event = attrs.field(factory=trio.Event)
     pong: trio.Event = attrs.field(factory=trio.Event)
     send_lock: trio.Lock = attrs.field(factory=trio.Lock)
@@ -244,6 +248,7 @@ class Hub:
                     if confirmation is not None and confirmation.done.is_set():
                         del self._confirmed[channel]
                 link.active = set()
+                link.unsubscribing = {}
                 link.changed.set()
                 await connection.aclose()
             await trio.sleep(self._backoff_s(0))
@@ -301,6 +306,8 @@ class Hub:
         groups: dict[int | None, list[str]] = {}
         for channel in channels:
             groups.setdefault(self._topology.slot_of(channel), []).append(channel)
+            if command == self._commands[1]:
+                link.unsubscribing[channel] = link.unsubscribing.get(channel, 0) + 1
         async with link.send_lock:
             with trio.fail_after(self._timeout_s):
                 await connection.send(b"".join(pack((command, *g)) for g in groups.values()))
@@ -389,13 +396,21 @@ class Hub:
     def _on_dropped(self, channel: str, link: _Link | None) -> None:
         """An unsubscribe the hub did not ask for (the channel is still active): Redis
         moved the channel's slot away. Ask the topology again and subscribe anew."""
-        if link is None or channel not in link.active:
+        if link is None:
+            return
+        owed = link.unsubscribing.pop(channel, 0)
+        if owed > 1:
+            link.unsubscribing[channel] = owed - 1
+        if owed or channel not in link.active:
             return  # the answer to our own UNSUBSCRIBE
         log.info("Redis ended a subscription (its slot moved); subscribing again")
         link.active.discard(channel)
-        self._confirmed.pop(channel, None)
-        if channel in self._wanted:
-            self._confirmed[channel] = _Confirmation()
+        confirmation = self._confirmed.get(channel)
+        if channel not in self._wanted:
+            self._confirmed.pop(channel, None)
+        else:  # who already waits keeps waiting, for the next confirmation
+            if confirmation is None or confirmation.done.is_set():
+                self._confirmed[channel] = _Confirmation()
             self._resync_when_confirmed.add(channel)
         self._topology.lost_subscriber()
         link.changed.set()

@@ -180,3 +180,21 @@ async def test_a_refused_subscribe_closes_the_session_1013_and_says_why(
         await wait_for(relay.ops_port, "/readyz", 200)
     finally:
         redis_client.acl_deluser(user)
+
+
+async def test_a_mailbox_that_returns_before_redis_answered_its_unsubscribe_is_served(
+    make_relay: RelayFactory, redis_server: EmbeddedServer, redis_client: RedisClient
+) -> None:
+    """Bob leaves and comes back while Redis holds the hub's UNSUBSCRIBE (CLIENT PAUSE):
+    the answer to that UNSUBSCRIBE arrives after the new SUBSCRIBE went out, and must not
+    be taken for Redis ending the new subscription (which left the session waiting for a
+    confirmation that never came: closed 1013)."""
+    relay = await make_relay()
+    with trio.fail_after(DEADLINE_S):
+        async with open_relay(relay.url, token("bob")):
+            redis_client.client_pause(1000, all=True)
+        await poll_until(lambda: not relay.services.sessions)
+        async with open_relay(relay.url, token("bob")) as bob:
+            async with open_relay(relay.url, token("alice")) as alice:
+                await alice.send("bob", "after the pause")
+            assert (await bob.receive()).body == "after the pause"
