@@ -12,6 +12,7 @@ session; each test gets its own key prefix.
 from __future__ import annotations
 
 import itertools
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 
@@ -31,6 +32,18 @@ TOPOLOGIES = {"cluster": "redis_cluster", "sentinel": "redis_sentinel"}  # -> th
 _prefixes = itertools.count()
 
 pytest_plugins = ["cluster_fixtures", "sentinel_fixtures"]
+
+
+@pytest.fixture(autouse=True)
+def _logging_put_back() -> Iterator[None]:
+    """Tests run `relay.cli.main` in-process, and the command sets up logging for a
+    process: its handler writes to this test's captured stderr, closed after the test."""
+    loggers = [logging.getLogger(name) for name in ("", "trio-websocket", "trio_websocket")]
+    saved = [(logger.handlers[:], logger.level) for logger in loggers]
+    yield
+    for logger, (handlers, level) in zip(loggers, saved, strict=True):
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -234,19 +234,7 @@ async def test_ephemerality_5_relay_audit_exits_0_after_traffic(
     with trio.fail_after(3 * DEADLINE_S):
         await _busy_mixed_run(relay, redis_client, prefix)
     args = ["audit", "--redis-url", redis_url, "--key-prefix", prefix, "--retention", "120s"]
-    status = await trio.to_thread.run_sync(run_cli, args)
+    status = await trio.to_thread.run_sync(relay_cli, args)
     out = capsys.readouterr().out
     assert status == 0, out
     assert "messages: 0" not in out  # it audited real traffic
-
-
-def run_cli(args: list[str]) -> int:
-    """`relay.cli.main(args)`, putting back the logging set-up the command replaces."""
-    loggers = [logging.getLogger(name) for name in ("", "trio-websocket", "trio_websocket")]
-    saved = [(logger.handlers[:], logger.level) for logger in loggers]
-    try:
-        return relay_cli(args)
-    finally:
-        for logger, (handlers, level) in zip(loggers, saved, strict=True):
-            logger.handlers[:] = handlers
-            logger.setLevel(level)
