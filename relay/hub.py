@@ -73,6 +73,10 @@ class Subscriber(Protocol):
 
     def resync(self) -> None: ...
 
+    def notices_arrived(self) -> None:
+        """Every notice of one read from Redis has been handed over (`on_message`)."""
+        ...
+
 
 @attrs.define(eq=False)
 class _Confirmation:
@@ -136,6 +140,7 @@ class Hub:
         self._confirmed: dict[str, _Confirmation] = {}
         self._resync_when_confirmed: set[str] = set()
         self._links: dict[str, _Link] = {}
+        self._arrived: dict[Subscriber, None] = {}  # handed notices in this read, in order
         self.heartbeats = 0  # PING replies received
         self._refused: str | None = None  # the last error reply, until a subscription succeeds
 
@@ -349,8 +354,15 @@ class Hub:
                 await link.pong.wait()
 
     async def _read(self, link: _Link, connection: RedisConnection) -> None:
+        """Handle every reply one read brought, then tell the sessions that got notices:
+        they deliver what a read brought in one frame."""
         while True:
             self.handle_reply(await connection.reply(), link)
+            while (reply := connection.buffered_reply()) is not False:
+                self.handle_reply(reply, link)
+            arrived, self._arrived = self._arrived, {}
+            for subscriber in arrived:
+                subscriber.notices_arrived()
 
     def handle_reply(self, reply: Any, link: _Link | None = None) -> None:
         """One reply on a pub/sub connection, whatever it is; never raises."""
@@ -459,6 +471,7 @@ class Hub:
             if message_id is not None and _is_envelope(envelope, message_id):
                 for subscriber in list(subscribers):
                     subscriber.on_message(int(seq), message_id, envelope)
+                    self._arrived[subscriber] = None
                 return
         self._on_ignored()
         log.warning("ignored a notice the relay did not publish on a mailbox channel")

@@ -193,7 +193,22 @@ class Session:
             return
         self._notices.append((seq, message_id, envelope))
         self._notice_bytes += len(envelope)
-        self._deliver_soon()
+
+    def notices_arrived(self) -> None:
+        """Deliver the notices now, from the hub's task, unless the delivery task runs or
+        something holds delivery back (a mailbox read due, a full window, a full
+        output buffer): then the delivery task waits for it. No task per message."""
+        if self._delivering or not self._serving:
+            return
+        free = self._inflight.free
+        if not self._must_read and free and self.ws.backlog_bytes < OUTPUT_HIGH_WATER:
+            slots = min(free, len(self._notices), FETCH_PAGE)
+            self._inflight.free -= slots
+            deliveries = self._take_notices(slots)
+            self._inflight.give(slots - len(deliveries))
+            self._send_deliveries(deliveries)
+        if self._must_read or self._notices:
+            self._deliver_soon()
 
     def on_replaced(self, session_id: str) -> None:
         """Redis orders the notices: one published after ours means a newer session."""
@@ -610,15 +625,19 @@ class Session:
             else:
                 deliveries = self._take_notices(slots)
             self._inflight.give(slots - len(deliveries))
-            if deliveries:
-                self._cursor = deliveries[-1][0]
-                self._unacked.update(message_id for _, message_id, _ in deliveries)
-                self._observe_delivery(deliveries)
-                for frame in protocol.encode_delivers(
-                    [envelope for _, _, envelope in deliveries],
-                    self._config.deliver_frame_bytes,
-                ):
-                    ws.send(frame)
+            self._send_deliveries(deliveries)
+
+    def _send_deliveries(self, deliveries: list[tuple[int, str, str]]) -> None:
+        """Queue `deliver` frames for these messages (in sequence order, after the cursor)."""
+        if not deliveries:
+            return
+        self._cursor = deliveries[-1][0]
+        self._unacked.update(message_id for _, message_id, _ in deliveries)
+        self._observe_delivery(deliveries)
+        for frame in protocol.encode_delivers(
+            [envelope for _, _, envelope in deliveries], self._config.deliver_frame_bytes
+        ):
+            self.ws.send(frame)
 
     def _observe_delivery(self, deliveries: list[tuple[int, str, str]]) -> None:
         """Sequences are the Redis clock in µs when the message was stored."""

@@ -88,6 +88,9 @@ class Recorder:
     def resync(self) -> None:
         self.calls.append(())
 
+    def notices_arrived(self) -> None:
+        self.calls.append(("arrived",))
+
 
 def resp(value: Any) -> bytes:
     """RESP2 encoding of a value drawn by `replies`."""

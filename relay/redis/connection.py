@@ -117,6 +117,10 @@ class RedisConnection:
             self._reader.feed(data)  # type: ignore[arg-type]  # a bytearray from SSL is fine
         return reply
 
+    def buffered_reply(self) -> Any:
+        """The next reply if it has been read already, else False (no I/O)."""
+        return self._reader.gets()
+
     def looks_closed(self) -> bool:
         """Whether an idle connection has become readable: then it holds an EOF (a
         Redis restart, a proxy's idle timeout) or garbage, and must not be used."""
