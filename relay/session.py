@@ -23,7 +23,9 @@ notice buffer, a pub/sub reconnect, the periodic backstop). Anything at or
 below the cursor was delivered already and is skipped, so a message is never
 repeated within a session. At most `max_inflight` messages are delivered and
 unacked; the rest wait in Redis, not here. One `deliver` frame carries every
-message ready, up to `max_frame_bytes`.
+message ready, up to `max_frame_bytes`. The notices of one read from Redis are
+delivered from the hub's task; a delivery task runs only while something
+holds delivery back (a mailbox read, a full window, a full output buffer).
 """
 
 from __future__ import annotations
