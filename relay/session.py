@@ -99,6 +99,10 @@ class Credits:
             self._given = trio.Event()
             await self._given.wait()
         self._given = None
+        return self.take_now(most)
+
+    def take_now(self, most: int) -> int:
+        """Take up to `most` of the free slots, without waiting (maybe none)."""
         taken = min(self.free, most)
         self.free -= taken
         return taken
@@ -202,10 +206,8 @@ class Session:
         output buffer): then the delivery task waits for it. No task per message."""
         if self._delivering or not self._serving:
             return
-        free = self._inflight.free
-        if not self._must_read and free and self.ws.backlog_bytes < OUTPUT_HIGH_WATER:
-            slots = min(free, len(self._notices), FETCH_PAGE)
-            self._inflight.free -= slots
+        if not self._must_read and self.ws.backlog_bytes < OUTPUT_HIGH_WATER:
+            slots = self._inflight.take_now(min(len(self._notices), FETCH_PAGE))
             deliveries = self._take_notices(slots)
             self._inflight.give(slots - len(deliveries))
             self._send_deliveries(deliveries)
