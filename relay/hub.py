@@ -311,7 +311,8 @@ class Hub:
         groups: dict[int | None, list[str]] = {}
         for channel in channels:
             groups.setdefault(self._topology.slot_of(channel), []).append(channel)
-            if command == self._commands[1]:
+        if command == self._commands[1]:
+            for channel in channels:
                 link.unsubscribing[channel] = link.unsubscribing.get(channel, 0) + 1
         async with link.send_lock:
             with trio.fail_after(self._timeout_s):
@@ -417,10 +418,10 @@ class Hub:
             return  # the answer to our own UNSUBSCRIBE
         log.info("Redis ended a subscription (its slot moved); subscribing again")
         link.active.discard(channel)
-        confirmation = self._confirmed.get(channel)
         if channel not in self._wanted:
             self._confirmed.pop(channel, None)
         else:  # who already waits keeps waiting, for the next confirmation
+            confirmation = self._confirmed.get(channel)
             if confirmation is None or confirmation.done.is_set():
                 self._confirmed[channel] = _Confirmation()
             self._resync_when_confirmed.add(channel)
