@@ -37,6 +37,10 @@ class TokenBucket:
 
 MAX_DELAY_S = 1.0  # a frame that would wait longer than this for its budget is refused
 PATIENCE_BURSTS = 10  # held back without a break for this many bursts' worth: abusive
+# A read this large found the socket full (a TLS record's worth: SSLStream returns no more
+# per read). A held-back read smaller than it is a break: the client has only a few frames
+# in flight (it waits for answers), however far above its rate it is.
+FULL_READ_BYTES = 16 * 1024
 
 
 @attrs.define
@@ -52,7 +56,9 @@ class FrameBudget:
     refusal is a strike, strikes drain at the allowed rate, and more than
     `burst` of them is abuse. So is being held back, read after read, for
     longer than PATIENCE_BURSTS bursts' worth of the rate: a client that keeps
-    the relay's buffers full.
+    the relay's buffers full: a read that brought less than FULL_READ_BYTES
+    breaks the run, so a client that waits for answers before it sends more is
+    slowed down, never closed.
     """
 
     allowed: TokenBucket
@@ -84,9 +90,10 @@ class FrameBudget:
         self.strikes_updated_s = now_s
         return math.inf
 
-    def read_done(self, held_back: bool) -> None:
-        """After the frames of one read: a read none of whose frames waited ends a run."""
-        if not held_back:
+    def read_done(self, held_back: bool, read_bytes: int) -> None:
+        """After the frames of one read: a read none of whose frames waited, or one that
+        did not find the socket full, ends a run."""
+        if not held_back or read_bytes < FULL_READ_BYTES:
             self.held_since_s = None
 
     def abusive(self, now_s: float) -> bool:

@@ -460,7 +460,7 @@ class Session:
             else:
                 self._reject(BadFrame("already authenticated"), ref)
         self._start_acks(acks)
-        budget.read_done(held_back)
+        budget.read_done(held_back, self.ws.last_read_bytes)
         return True
 
     def _parse(self, message: Message) -> tuple[protocol.ClientFrame | None, ClientError | None]:

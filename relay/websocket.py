@@ -212,6 +212,7 @@ class WebSocket:
         "_send_timeout_s",
         "_stream",
         "broken",
+        "last_read_bytes",
         "protocol",
         "stuck",
     )
@@ -233,6 +234,7 @@ class WebSocket:
         self._finishing = False  # the writer ends once the queue is empty
         self.stuck = False  # one write outlasted the send deadline
         self.broken = False  # the stream failed, or a write was interrupted
+        self.last_read_bytes = len(received)  # what the latest read from the stream brought
         # Frames that came with the handshake's bytes wait for the first receive().
         self._pending = self.protocol.receive(received) if received else []
 
@@ -252,6 +254,7 @@ class WebSocket:
         except trio.BrokenResourceError:
             self.broken = True
             data = b""
+        self.last_read_bytes = len(data)
         messages = protocol.receive(data)
         if protocol.output_bytes:
             self._ready.unpark()

@@ -91,6 +91,34 @@ async def test_a_flush_of_1000_sends_over_the_rate_is_slowed_not_refused_and_oth
     assert got == refs  # stored in the order they were sent
 
 
+async def test_a_client_above_its_rate_that_waits_for_answers_is_slowed_never_closed(
+    make_relay: RelayFactory,
+) -> None:
+    """Ten sends in flight at a time, each sent again as soon as it is answered, for three
+    times the patience (10 bursts' worth: 1 s here): held back read after read, but its
+    reads are small (it waits for answers), so it does not keep the relay's buffers full."""
+    relay = await make_relay(rate_limit_per_s=50, rate_burst=5, ops_port=free_loopback_port())
+    bob = unique("bob")
+    accepted: list[str] = []
+    async with open_relay(relay.url, token(unique("alice"))) as alice:
+        end = trio.current_time() + 3.0
+
+        async def send_steadily(n: int) -> None:
+            while trio.current_time() < end:
+                answer = await alice.send(bob, f"s{n}")
+                accepted.append(answer["ids"][bob])
+
+        with trio.fail_after(DEADLINE_S):
+            async with trio.open_nursery() as nursery:
+                for n in range(10):
+                    nursery.start_soon(send_steadily, n)
+            assert (await alice.send(bob, "still open"))["ids"][bob]
+        metrics = await scrape(relay.ops_port)
+    assert metrics.value("relay_frames_delayed_total") > 0  # it was held back
+    assert metrics.value("relay_connections_closed_total", code="1008") == 0
+    assert len(set(accepted)) == len(accepted) > 50
+
+
 async def test_acks_of_delivered_messages_do_not_count_against_the_rate(
     make_relay: RelayFactory,
 ) -> None:

@@ -10,6 +10,7 @@ import math
 import pytest
 
 from relay.limits import (
+    FULL_READ_BYTES,
     MAX_DELAY_S,
     PATIENCE_BURSTS,
     FrameBudget,
@@ -123,7 +124,7 @@ def test_frame_budget_held_back_read_after_read_past_its_patience_is_abusive() -
     while not budget.abusive(now):  # a flood: every read waits for its budget
         now += budget.admit(now)
         assert budget.admit(now) == 0.0
-        budget.read_done(held_back=True)
+        budget.read_done(held_back=True, read_bytes=FULL_READ_BYTES)
         assert now < 2 * budget.patience_s, "a sustained flood never became abusive"
     assert now > budget.patience_s  # not before its patience was spent
 
@@ -132,12 +133,31 @@ def test_frame_budget_a_read_that_did_not_wait_ends_the_run() -> None:
     budget = FrameBudget.create(rate_per_s=20, burst=10, now_s=0)
     for _ in range(11):
         budget.admit(0)
-    budget.read_done(held_back=True)
+    budget.read_done(held_back=True, read_bytes=FULL_READ_BYTES)
     assert budget.held_since_s == 0
     assert budget.admit(1.0) == 0.0  # the client paused: its budget refilled
-    budget.read_done(held_back=False)
+    budget.read_done(held_back=False, read_bytes=FULL_READ_BYTES)
     assert budget.held_since_s is None
     assert not budget.abusive(100)
+
+
+def test_frame_budget_small_reads_held_back_never_become_abusive() -> None:
+    """A client far above its rate that waits for answers (a few frames in flight, so
+    every read is small) is slowed down read after read, never closed."""
+    budget = FrameBudget.create(rate_per_s=20, burst=10, now_s=0)
+    now = 0.0
+    while now < 3 * budget.patience_s:
+        waited = False
+        for _ in range(30):  # 30 frames in flight, one read
+            wait = budget.admit(now)
+            while wait > 0:
+                waited = True
+                now += wait
+                assert not budget.abusive(now)
+                wait = budget.admit(now)
+        assert waited
+        budget.read_done(held_back=True, read_bytes=30 * 120)
+    assert not budget.abusive(now)
 
 
 # -- client_address -------------------------------------------------------------
