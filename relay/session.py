@@ -1,10 +1,11 @@
 """One authenticated WebSocket: frames handled a batch at a time, delivery, keepalive.
 
 Reading. One task reads the connection, and the frames of one read are a
-batch. Its sends go to the store together (each its own store call, handed
-to the Redis pump in request order, so the pump pipelines them) and the task
-reads on while they are stored: a client with many sends in flight is not
-served one Redis round trip at a time. The batch's acks without a `ref` are
+batch. Its sends go to the store together (one store call and one task for
+all of them, handed to the Redis pump in request order, so they share a
+pipeline and sends to one mailbox one script run) and the task reads on while
+they are stored: a client with many sends in flight is not served one Redis
+round trip at a time. The batch's acks without a `ref` are
 merged into one store call. Answers go out in request order, whatever order
 Redis finished in. A connection above its frame budget is not read until the
 budget refills (limits.FrameBudget, protocol.md "Rate limits").
@@ -47,7 +48,7 @@ from relay.hub import REPLACED_PREFIX, Hub
 from relay.limits import FrameBudget, Network
 from relay.logs import pseudonym
 from relay.metrics import Metrics
-from relay.store import MailboxStore
+from relay.store import Accepted, MailboxStore, SendRequest
 from relay.ticker import Ticker
 from relay.websocket import Message, WebSocket
 
@@ -425,6 +426,7 @@ class Session:
         """Handle the frames of one read; False when the session must end (abuse)."""
         now = trio.current_time()
         held_back = False
+        sends: list[tuple[protocol.SendFrame, _Slot]] = []
         acks: list[tuple[protocol.AckFrame, int, _Slot | None]] = []
         for index, message in enumerate(messages):
             frame, error = self._parse(message)
@@ -436,8 +438,9 @@ class Session:
                 self._services.metrics.frames_delayed.inc()
             while 0 < wait < math.inf:
                 held_back = True
-                self._start_acks(acks)  # what was admitted need not wait
-                acks = []
+                self._start_sends(sends)  # what was admitted need not wait
+                self._start_acks(acks)
+                sends, acks = [], []
                 await trio.sleep(max(wait, MIN_PAUSE_S))
                 now = trio.current_time()
                 if budget.abusive(now):
@@ -454,11 +457,12 @@ class Session:
             if error is not None:
                 self._reject(error, error.ref if error.ref is not None else ref)
             elif isinstance(frame, protocol.SendFrame):
-                self._start_send(frame)
+                sends.append((frame, self._reserve()))
             elif isinstance(frame, protocol.AckFrame):
                 acks.append((frame, released, None if ref is None else self._reserve()))
             else:
                 self._reject(BadFrame("already authenticated"), ref)
+        self._start_sends(sends)
         self._start_acks(acks)
         budget.read_done(held_back, self.ws.last_read_bytes)
         return True
@@ -495,44 +499,54 @@ class Session:
                 released += 1
         return released
 
-    def _start_send(self, frame: protocol.SendFrame) -> None:
+    def _start_sends(self, sends: list[tuple[protocol.SendFrame, _Slot]]) -> None:
+        """One store call, in one task, for the sends of one read."""
+        if not sends:
+            return
         assert self._nursery is not None  # set for the whole session
         self._requests_in_flight += 1
-        self._nursery.start_soon(self._store_send, frame, self._reserve(), self._sends)
+        self._nursery.start_soon(self._store_sends, sends, self._sends)
         self._sends += 1
 
-    async def _store_send(self, frame: protocol.SendFrame, slot: _Slot, turn: int) -> None:
-        if turn != self._turn:  # Trio ran this task before an earlier send's
+    async def _store_sends(self, sends: list[tuple[protocol.SendFrame, _Slot]], turn: int) -> None:
+        if turn != self._turn:  # Trio ran this task before an earlier read's
             waiting = self._turns[turn] = trio.Event()
             await waiting.wait()
         self._turn += 1
         if (following := self._turns.pop(self._turn, None)) is not None:
             following.set()
-        # The next send runs once this task waits, and store.send hands its commands to
-        # the Redis pump before it first waits: sends reach Redis in request order.
-        metrics = self._services.metrics
+        # The next read's task runs once this one waits, and store.send_many hands its
+        # commands to the Redis pump before it first waits: sends reach Redis in order.
+        requests = [SendRequest(f.to, f.body, f.ttl_s, f.ref) for f, _ in sends]
+        outcomes: list[Accepted | Exception]
         try:
-            accepted = await self._services.store.send(
-                self.mailbox, frame.to, frame.body, frame.ttl_s, frame.ref, now_ms()
-            )
-        except ClientError as exc:
-            metrics.rejected.labels(exc.code.value).inc()
-            ref = exc.ref if exc.ref is not None else frame.ref
-            text = protocol.encode_error(exc.code, exc.message, ref)
-        except Exception:
-            # A bug must not end the session, nor reach the client in detail.
-            log.exception("session %s: send failed", pseudonym(self.mailbox))
-            metrics.rejected.labels(ErrorCode.INTERNAL.value).inc()
-            text = protocol.encode_error(ErrorCode.INTERNAL, "internal error", frame.ref)
-        else:
-            if not accepted.duplicate:
-                metrics.accepted.inc(len(accepted.ids))
-            text = protocol.encode_accepted(
-                frame.ref, accepted.ids, accepted.expires_at_ms, accepted.duplicate
-            )
+            outcomes = await self._services.store.send_many(self.mailbox, requests, now_ms())
+        except Exception as exc:
+            outcomes = [exc] * len(sends)
         finally:
             self._request_ended()
-        self._fill(slot, text)
+        for (frame, slot), outcome in zip(sends, outcomes, strict=True):
+            self._fill(slot, self._send_answer(frame, outcome))
+
+    def _send_answer(self, frame: protocol.SendFrame, outcome: Accepted | Exception) -> str:
+        metrics = self._services.metrics
+        if isinstance(outcome, Accepted):
+            if not outcome.duplicate:
+                metrics.accepted.inc(len(outcome.ids))
+            return protocol.encode_accepted(
+                frame.ref, outcome.ids, outcome.expires_at_ms, outcome.duplicate
+            )
+        if isinstance(outcome, ClientError):
+            metrics.rejected.labels(outcome.code.value).inc()
+            return protocol.encode_error(outcome.code, outcome.message, frame.ref)
+        # A bug must not end the session, nor reach the client in detail.
+        log.error(
+            "session %s: send failed",
+            pseudonym(self.mailbox),
+            exc_info=(type(outcome), outcome, outcome.__traceback__),
+        )
+        metrics.rejected.labels(ErrorCode.INTERNAL.value).inc()
+        return protocol.encode_error(ErrorCode.INTERNAL, "internal error", frame.ref)
 
     def _start_acks(self, acks: list[tuple[protocol.AckFrame, int, _Slot | None]]) -> None:
         """One store call for the acks without a ref; each with a ref needs its own count.

@@ -18,6 +18,16 @@ class Accepted:
 
 
 @attrs.frozen
+class SendRequest:
+    """What one `send` frame asks to store."""
+
+    recipients: Sequence[str]
+    body: str
+    ttl_s: int
+    ref: str | None
+
+
+@attrs.frozen
 class Delivery:
     """One stored message as the recipient gets it.
 
@@ -50,6 +60,12 @@ class MailboxStore(Protocol):
         now_ms: int,
     ) -> Accepted:
         """Store one copy per recipient, all or none; a repeated `ref` stores nothing new."""
+        ...
+
+    async def send_many(
+        self, sender: str, sends: Sequence[SendRequest], now_ms: int
+    ) -> list[Accepted | Exception]:
+        """Several sends at once, in order: what `send` would return or raise for each."""
         ...
 
     async def start_session(self, mailbox: str, notice: str = "") -> SessionStart:

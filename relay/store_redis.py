@@ -40,7 +40,6 @@ import redis
 
 from relay import policy
 from relay.errors import (
-    ClientError,
     MailboxFull,
     RefConflict,
     RelayError,
@@ -48,7 +47,7 @@ from relay.errors import (
     Unconfirmed,
 )
 from relay.redis.pump import Command, LuaScript, Merge, RedisPump
-from relay.store import Accepted, Delivery, SessionStart, envelope_id
+from relay.store import Accepted, Delivery, SendRequest, SessionStart, envelope_id
 
 
 def _load(name: str, *parts: str) -> LuaScript:
@@ -147,6 +146,15 @@ class Quota:
     max_bytes: int = 64 * 1024 * 1024
 
 
+@attrs.frozen
+class _PreparedSend:
+    send: SendRequest
+    ids: dict[str, str]  # recipient -> message id
+    expires_at_ms: int
+    tag: str
+    commands: list[Command]
+
+
 class RedisMailboxStore:
     """MailboxStore on Redis, reached through a RedisPump."""
 
@@ -179,20 +187,46 @@ class RedisMailboxStore:
         ref: str | None,
         now_ms: int,
     ) -> Accepted:
-        expires_at_ms = policy.expires_at_ms(now_ms, ttl_s)
+        (outcome,) = await self.send_many(
+            sender, [SendRequest(recipients, body, ttl_s, ref)], now_ms
+        )
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def send_many(
+        self, sender: str, sends: Sequence[SendRequest], now_ms: int
+    ) -> list[Accepted | Exception]:
+        """Several sends of one sender as one pump request (one batch, in this order): the
+        outcome of each, what `send` would return or raise."""
+        prepared = [self._prepare(sender, send, now_ms) for send in sends]
+        commands = [command for one in prepared for command in one.commands]
+        commands.extend(self._epoch_refresh())
+        results = await self.pump.execute_many(commands)
+        outcomes: list[Accepted | Exception] = []
+        offset = 0
+        for one in prepared:
+            count = len(one.commands)
+            outcomes.append(await self._outcome(one, results[offset : offset + count]))
+            offset += count
+        return outcomes
+
+    def _prepare(self, sender: str, send: SendRequest, now_ms: int) -> _PreparedSend:
+        expires_at_ms = policy.expires_at_ms(now_ms, send.ttl_s)
         tail = orjson.dumps(
-            {"from": sender, "body": body, "sent_at": now_ms, "expires_at": expires_at_ms}
+            {"from": sender, "body": send.body, "sent_at": now_ms, "expires_at": expires_at_ms}
         ).decode()[1:]
-        ids = {r: new_message_id(now_ms) for r in recipients}
+        ids = {r: new_message_id(now_ms) for r in send.recipients}
+        ref = send.ref
         tag = NO_REF if ref is None else ref_tag(sender, ref)
-        request = "" if ref is None else fingerprint(recipients, body, ttl_s)
+        request = "" if ref is None else fingerprint(send.recipients, send.body, send.ttl_s)
         commands = []
         for recipient, message_id in ids.items():
             keys = self.keys(recipient)
             args = (
                 message_id,
                 f'{{"id":"{message_id}",{tail}',
-                ttl_s * 1000,
+                send.ttl_s * 1000,
                 self.quota.max_messages,
                 self.quota.max_bytes,
                 self.pump.publish,
@@ -218,13 +252,16 @@ class RedisMailboxStore:
                     merge,
                 )
             )
-        commands.extend(self._epoch_refresh())
-        results = await self.pump.execute_many(commands)
+        return _PreparedSend(send, ids, expires_at_ms, tag, commands)
 
+    async def _outcome(self, one: _PreparedSend, results: Sequence[Any]) -> Accepted | Exception:
+        """What the replies to one send's commands mean; a failed send's stored copies are
+        deleted again (all or none)."""
+        ids, expires_at_ms, ref = one.ids, one.expires_at_ms, one.send.ref
         stored: list[tuple[str, str]] = []  # copies this call created
         duplicate = False
         failure: Exception | None = None
-        for recipient, result in zip(recipients, results, strict=False):
+        for recipient, result in zip(one.send.recipients, results, strict=False):
             try:
                 if isinstance(result, Exception):
                     raise _storage_error(result)
@@ -246,11 +283,9 @@ class RedisMailboxStore:
                 if failure is None or isinstance(exc, Unconfirmed):
                     failure = exc
         if failure is not None:
-            if not await self._unsend(ref, tag, stored):
+            if not await self._unsend(ref, one.tag, stored):
                 failure = Unconfirmed("the send failed and some copies may still be stored")
-            if isinstance(failure, ClientError):
-                failure.ref = ref
-            raise failure
+            return failure  # maybe shared by every send of the batch: not to be changed
         return Accepted(ids=ids, expires_at_ms=expires_at_ms, duplicate=duplicate)
 
     async def _unsend(self, ref: str | None, tag: str, stored: list[tuple[str, str]]) -> bool:

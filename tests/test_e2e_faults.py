@@ -26,7 +26,9 @@ from relay_fixtures import (
     token,
     unique,
 )
+from test_e2e_violations import open_raw_session, text_frames
 from trio_websocket import open_websocket_url
+from wsproto.events import TextMessage
 
 from relay.codes import CloseCode
 from relay.embedded import EmbeddedServer, free_loopback_port
@@ -110,6 +112,35 @@ async def test_a_stalled_redis_answers_unconfirmed_or_unavailable_truthfully(
     # Nothing answered storage_unavailable was stored; each retried send is there once.
     assert bodies_stored(own_client, prefix, bob) == expected
     assert expected, codes  # the send in flight when Redis stalled was unconfirmed
+
+
+async def test_sends_of_one_read_failing_together_are_each_answered_with_their_own_ref(
+    own_server: EmbeddedServer, prefix: str
+) -> None:
+    """Redis stalls past the timeout under a batch of sends that came in one write: they
+    fail together (one pipeline, one error for all of it), and still each answer carries
+    its own request's ref, in request order, so every waiting client call is answered."""
+    bob = unique("bob")
+    refs = [f"r{n}" for n in range(8)]
+    config = relay_config(own_server.url, prefix, redis_timeout_s=REDIS_TIMEOUT_S)
+    async with serving(config) as relay:
+        stream, ws = await open_raw_session(relay.port, unique("alice"))
+        with trio.fail_after(DEADLINE_S):
+            (welcome,) = await text_frames(stream, ws, 1)
+            assert welcome["type"] == "welcome"
+            frames = [
+                orjson.dumps({"type": "send", "to": bob, "body": ref, "ref": ref}).decode()
+                for ref in refs
+            ]
+            os.kill(own_server.pid, signal.SIGSTOP)
+            try:
+                await stream.send_all(b"".join(ws.send(TextMessage(f)) for f in frames))
+                answers = await text_frames(stream, ws, len(refs))
+            finally:
+                os.kill(own_server.pid, signal.SIGCONT)
+        await stream.aclose()
+    assert [a["ref"] for a in answers] == refs
+    assert {a.get("code") for a in answers} <= {"unconfirmed", "storage_unavailable"}, answers
 
 
 async def _session(url: str, mailbox: str, *, task_status: trio.TaskStatus[Any]) -> None:
