@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     }
     stem = f"{options.workload}-{utc_now().strftime('%Y%m%dT%H%M%SZ')}"
     try:
-        main, calibration, baseline = _measure_all(options, err, stem)
+        main, calibration, baseline, runs = _measure_all(options, err, stem)
     except (TargetError, BaselineError, Refused) as exc:
         err.print(f"relay bench {options.workload}: {exc}")
         return EXIT_USAGE
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         compare.baseline_targets(
             options, main.outcome, main.outcome.metrics, baseline.outcome.metrics
         )
-    result = report.build(options, main, calibration, baseline, context)
+    result = report.build(options, main, calibration, baseline, context, runs)
     if main.profile:
         result["profile"] = main.profile
     result["plots"] = plots.draw(
@@ -72,25 +72,43 @@ def run(args: argparse.Namespace) -> int:
 
 def _measure_all(
     options: BenchOptions, err: Console, stem: str
-) -> tuple[Measured, Measured | None, Measured | None]:
-    """The calibration (unless skipped), the workload, and the baseline (with --baseline)."""
+) -> tuple[Measured, Measured | None, Measured | None, list[Measured]]:
+    """The calibration (unless skipped), the workload, and the baseline (with --baseline);
+    with --repeat, the median run of each side, and every run in the order they ran."""
     with contextlib.ExitStack() as stack:
         tree = stack.enter_context(RelayTree(options.baseline)) if options.baseline else None
         profile = profile_path(options, stem)
         if options.workload == "calibrate":
             err.print("calibration: the echo server under the throughput loop")
-            return measure("calibration", calibration_options(options), err, profile), None, None
-        calibration = None
+            echo = measure("calibration", calibration_options(options), err, profile)
+            return echo, None, None, []
+        calibration: Measured | None = None
         if options.calibrate:
             err.print("calibration: the echo server first (skip it with --no-calibrate)")
             calibration = measure("calibration", calibration_options(options), err)
-        err.print(f"{options.workload}: this checkout's relay")
-        main = measure("relay", options, err, profile)
-        baseline = None
-        if tree is not None:
-            err.print(f"{options.workload}: the baseline relay, {tree.ref} ({tree.commit[:10]})")
-            baseline = measure("baseline", options, err, tree=tree)
-        return main, calibration, baseline
+        runs: list[Measured] = []
+        for turn in range(options.repeat):
+            # ABBA: the relay that runs first in a pair pays for it (bench/results/SUMMARY.md)
+            sides = ["relay", "baseline"] if turn % 2 == 0 else ["baseline", "relay"]
+            of = f" (run {turn + 1} of {options.repeat})" if options.repeat > 1 else ""
+            for side in sides:
+                if side == "relay":
+                    err.print(f"{options.workload}: this checkout's relay{of}")
+                    runs.append(measure("relay", options, err, profile))
+                elif tree is not None:
+                    err.print(
+                        f"{options.workload}: the baseline relay, {tree.ref}"
+                        f" ({tree.commit[:10]}){of}"
+                    )
+                    runs.append(measure("baseline", options, err, tree=tree))
+        main = _median_run(options.workload, [r for r in runs if r.label == "relay"])
+        others = [r for r in runs if r.label == "baseline"]
+        baseline = _median_run(options.workload, others) if others else None
+        return main, calibration, baseline, runs if options.repeat > 1 else []
+
+
+def _median_run(workload: str, runs: list[Measured]) -> Measured:
+    return runs[compare.median_index(workload, [r.outcome.metrics for r in runs])]
 
 
 def _curves(

@@ -7,7 +7,8 @@ run; they are checked here when there is one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -90,6 +91,39 @@ ITEMS: dict[str, list[Item]] = {
 }
 
 
+# The headline number that picks a side's median run under --repeat.
+MEDIAN_BY = {
+    "throughput": "relay_cpu_us_per_msg",
+    "latency": "p99_us",
+    "roundtrip": "p99_us",
+    "calibrate": "msgs_per_s",
+    "burst": "ratio",
+    "drain": "drain_msgs_per_s",
+    "flood": "p99_ratio",
+    "idle": "relay_bytes_per_conn",
+    "retention": "store_relay_cpu_us_per_msg",
+}
+
+
+def median_index(workload: str, runs: Sequence[Mapping[str, Any]]) -> int:
+    """Which of several runs' metrics is the median by the workload's MEDIAN_BY number (the
+    lower middle one of an even count; runs without the number come last)."""
+    item = next(i for i in ITEMS[workload] if i.key == MEDIAN_BY[workload])
+    values = [_get(metrics, item.path) for metrics in runs]
+    order = sorted(range(len(runs)), key=lambda i: (values[i] is None, values[i] or 0.0))
+    measured = [i for i in order if values[i] is not None] or order
+    return measured[(len(measured) - 1) // 2]
+
+
+def medians(workload: str, runs: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Each headline number's median over several runs (each number on its own)."""
+    out: dict[str, float | None] = {}
+    for item in ITEMS[workload]:
+        values = [v for metrics in runs if (v := _get(metrics, item.path)) is not None]
+        out[item.key] = statistics.median(values) if values else None
+    return out
+
+
 def _get(metrics: Mapping[str, Any], path: tuple[str, ...]) -> float | None:
     value: Any = metrics
     for part in path:
@@ -104,7 +138,7 @@ def headline(workload: str, metrics: Mapping[str, Any]) -> dict[str, float | Non
     return {item.key: _get(metrics, item.path) for item in ITEMS[workload]}
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
@@ -123,7 +157,7 @@ def versus_ceiling(
                 "unit": item.unit,
                 "value": value,
                 "ceiling": limit,
-                "ratio": _ratio(value, limit),
+                "ratio": ratio(value, limit),
             }
         )
     return rows
@@ -137,7 +171,7 @@ def versus_baseline(
     for item in ITEMS[workload]:
         a, b = _get(this, item.path), _get(base, item.path)
         rows.append(
-            {"key": item.key, "unit": item.unit, "this": a, "baseline": b, "ratio": _ratio(a, b)}
+            {"key": item.key, "unit": item.unit, "this": a, "baseline": b, "ratio": ratio(a, b)}
         )
     return rows
 

@@ -26,6 +26,7 @@ WORKLOADS = (
 )
 REDIS_KINDS = ("single", "cluster")
 CLUSTER_PRIMARIES = 3
+MAX_REPEAT = 9
 
 # flood: the spawned relay keeps its default rate limit (acks count as frames too)
 RELAY_RATE_LIMIT = Config().rate_limit_per_s
@@ -86,6 +87,7 @@ class BenchOptions:
     flood_cpu: str | None = None  # flood: taskset CPU list of the flooding process
     redis: str = "single"  # --spawn: one Valkey, or a 3-primary cluster ("cluster")
     workers: int = 1  # --spawn: the relay's worker processes (`relay serve --workers`)
+    repeat: int = 1  # runs of the relay (and of the baseline, in turns), reported by median
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +150,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "report both and their ratios",
     )
     add(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the workload N times (with --baseline: the two relays in turns, ABBA, so "
+        "neither always runs first) and report the median run of each (default 1)",
+    )
+    add(
         "--redis",
         choices=REDIS_KINDS,
         default="single",
@@ -198,6 +208,7 @@ def from_args(args: argparse.Namespace) -> BenchOptions:
         flood_cpu=args.flood_cpu,
         redis=args.redis,
         workers=args.workers,
+        repeat=args.repeat,
         **chosen,
     )
     _validate(options)
@@ -223,6 +234,10 @@ def _validate(o: BenchOptions) -> None:
         raise ValueError("--workers sets the worker processes of a relay the bench starts: --spawn")
     if o.workers < 1:
         raise ValueError("--workers must be at least 1")
+    if not 1 <= o.repeat <= MAX_REPEAT:
+        raise ValueError(f"--repeat must be 1 to {MAX_REPEAT}")
+    if o.repeat > 1 and o.profile:
+        raise ValueError("--profile samples one run: use it without --repeat")
     if o.flood_cpu and o.workload != "flood":
         raise ValueError("--flood-cpu pins the flooding process of the flood workload")
     if o.flood_cpu:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -68,9 +69,11 @@ def build(
     calibration: Measured | None,
     baseline: Measured | None,
     context: dict[str, Any],
+    runs: Sequence[Measured] = (),
 ) -> dict[str, Any]:
     """The JSON result of a run (no secrets in it): the workload on this relay, and the
-    calibration and the baseline when they ran, with the comparisons."""
+    calibration and the baseline when they ran, with the comparisons. With --repeat, `main`
+    and `baseline` are each side's median run, and `runs` all of them, as they ran."""
     opts = {k: v for k, v in attrs.asdict(options).items() if k != "jwt_secret"}
     opts["redis_url"] = _redact(options.redis_url)
     workload = options.workload
@@ -83,9 +86,15 @@ def build(
     failures = [
         f"{m.label}: {line}" for m in (calibration, baseline) if m for line in m.failures.lines()
     ]
+    failures += [
+        f"{m.label} run {n}: {line}"
+        for n, m in enumerate(runs, 1)
+        if m is not main and m is not baseline
+        for line in m.failures.lines()
+    ]
     result: dict[str, Any] = {
         "workload": workload,
-        "ok": all(m.ok for m in (main, calibration, baseline) if m),
+        "ok": all(m.ok for m in (main, calibration, baseline, *runs) if m),
         **context,
         "options": opts,
         "relay": _server(options, main),
@@ -101,6 +110,7 @@ def build(
         "vs_ceiling": [],
         "baseline": None,
         "vs_baseline": [],
+        "repeats": _repeats(workload, runs, main, baseline) if runs else None,
     }
     if ceiling is not None and ceiling_run is not None:
         result["calibration"] = {
@@ -136,6 +146,36 @@ def build(
             workload, main.outcome.metrics, baseline.outcome.metrics
         )
     return result
+
+
+def _repeats(
+    workload: str, runs: Sequence[Measured], main: Measured, baseline: Measured | None
+) -> dict[str, Any]:
+    """Every run's headline numbers in the order they ran, and each side's medians."""
+    sides = {
+        side: [r.outcome.metrics for r in runs if r.label == side] for side in ("relay", "baseline")
+    }
+    medians = {side: compare.medians(workload, m) for side, m in sides.items() if m}
+    ratios = {}
+    if "baseline" in medians:
+        ratios = {
+            key: compare.ratio(value, medians["baseline"][key])
+            for key, value in medians["relay"].items()
+        }
+    return {
+        "by": compare.MEDIAN_BY[workload],
+        "runs": [
+            {
+                "label": r.label,
+                "ok": r.ok,
+                "median_run": r is main or r is baseline,
+                "headline": compare.headline(workload, r.outcome.metrics),
+            }
+            for r in runs
+        ],
+        "medians": medians,
+        "median_ratios": ratios,
+    }
 
 
 def write(result: dict[str, Any], outcome: Outcome, out_dir: str, stem: str) -> tuple[str, str]:
@@ -240,7 +280,34 @@ def comparison_tables(result: dict[str, Any]) -> list[TextTable]:
                 ],
             )
         )
+    repeats = result.get("repeats")
+    if repeats:
+        tables.append(_repeats_table(result["workload"], repeats))
     return tables
+
+
+def _repeats_table(workload: str, repeats: dict[str, Any]) -> TextTable:
+    """One row per run, as they ran, then each side's medians (and their ratio)."""
+    items = compare.ITEMS[workload]
+    rows = [
+        [
+            f"{n}: {run['label']}{' (its median run)' if run['median_run'] else ''}",
+            *[value_text(run["headline"][i.key], i.unit) for i in items],
+        ]
+        for n, run in enumerate(repeats["runs"], 1)
+    ]
+    for side, medians in repeats["medians"].items():
+        rows.append([f"median: {side}", *[value_text(medians[i.key], i.unit) for i in items]])
+    if repeats["median_ratios"]:
+        ratios = repeats["median_ratios"]
+        rows.append(
+            [
+                "medians: relay / baseline",
+                *["-" if ratios[i.key] is None else f"{ratios[i.key]:g}" for i in items],
+            ]
+        )
+    title = f"Repeats (each side's median run, by {repeats['by']}, is the one reported above)"
+    return title, ["run", *[i.key for i in items]], rows
 
 
 def _baseline_vs_ceiling(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -136,6 +136,47 @@ def test_baseline_runs_a_second_relay_from_a_commit_and_prints_ratios(tmp_path: 
     assert set(Path(tempfile.gettempdir()).glob("relay-bench-baseline-*")) <= trees_before
 
 
+def test_repeat_runs_the_two_relays_in_turns_and_reports_each_sides_median_run(
+    tmp_path: Path,
+) -> None:
+    """--repeat 2 --baseline: relay, baseline, baseline, relay (neither always runs first);
+    each side's reported run is its median by relay CPU per message, and every run's
+    headline is kept."""
+    done = bench(
+        tmp_path, *TINY_RUN, "--no-calibrate", "--baseline", "HEAD", "--repeat", "2", "--out", "o"
+    )
+    result = result_of(done, tmp_path / "o", "throughput")
+    assert result["ok"] is True, result["failures"]
+    repeats = result["repeats"]
+    runs = repeats["runs"]
+    assert [r["label"] for r in runs] == ["relay", "baseline", "baseline", "relay"]
+    assert all(r["ok"] for r in runs)
+    for side, reported in (
+        ("relay", result["headline"]),
+        ("baseline", result["baseline"]["headline"]),
+    ):
+        mine = [r for r in runs if r["label"] == side]
+        (median,) = [r for r in mine if r["median_run"]]
+        assert median["headline"] == reported
+        cpu = sorted(r["headline"]["relay_cpu_us_per_msg"] for r in mine)
+        assert reported["relay_cpu_us_per_msg"] == cpu[0]  # the lower of two
+        assert repeats["medians"][side]["relay_cpu_us_per_msg"] == pytest.approx(sum(cpu) / 2)
+    ratio = repeats["median_ratios"]["msgs_per_s"]
+    medians = repeats["medians"]
+    assert ratio == pytest.approx(
+        medians["relay"]["msgs_per_s"] / medians["baseline"]["msgs_per_s"], rel=0.01
+    )
+    markdown = next((tmp_path / "o").glob("throughput-*.md")).read_text()
+    assert "## Repeats" in markdown and "medians: relay / baseline" in markdown
+
+
+def test_repeat_is_checked(tmp_path: Path) -> None:
+    for bad in ("0", "10"):
+        done = bench(tmp_path, *TINY_RUN, "--repeat", bad)
+        assert done.returncode == 2
+        assert "--repeat" in done.stderr
+
+
 def test_baseline_needs_a_spawned_relay_and_a_known_commit(tmp_path: Path) -> None:
     done = bench(tmp_path, "throughput", "--url", "ws://127.0.0.1:1/v1", "--baseline", "HEAD")
     assert done.returncode == 2
