@@ -287,27 +287,26 @@ def comparison_tables(result: dict[str, Any]) -> list[TextTable]:
 
 
 def _repeats_table(workload: str, repeats: dict[str, Any]) -> TextTable:
-    """One row per run, as they ran, then each side's medians (and their ratio)."""
-    items = compare.ITEMS[workload]
-    rows = [
-        [
-            f"{n}: {run['label']}{' (its median run)' if run['median_run'] else ''}",
-            *[value_text(run["headline"][i.key], i.unit) for i in items],
-        ]
-        for n, run in enumerate(repeats["runs"], 1)
+    """One row per headline number: each run's, as they ran (* marks a side's median run),
+    then each side's median and the ratio of the medians."""
+    runs = repeats["runs"]
+    header = [
+        "metric",
+        *[f"{n}: {r['label']}{' *' if r['median_run'] else ''}" for n, r in enumerate(runs, 1)],
+        *[f"median: {side}" for side in repeats["medians"]],
     ]
-    for side, medians in repeats["medians"].items():
-        rows.append([f"median: {side}", *[value_text(medians[i.key], i.unit) for i in items]])
-    if repeats["median_ratios"]:
-        ratios = repeats["median_ratios"]
-        rows.append(
-            [
-                "medians: relay / baseline",
-                *["-" if ratios[i.key] is None else f"{ratios[i.key]:g}" for i in items],
-            ]
-        )
-    title = f"Repeats (each side's median run, by {repeats['by']}, is the one reported above)"
-    return title, ["run", *[i.key for i in items]], rows
+    ratios = repeats["median_ratios"]
+    if ratios:
+        header.append("relay / baseline")
+    rows = []
+    for item in compare.ITEMS[workload]:
+        row = [item.key, *[value_text(r["headline"][item.key], item.unit) for r in runs]]
+        row += [value_text(m[item.key], item.unit) for m in repeats["medians"].values()]
+        if ratios:
+            row.append("-" if ratios[item.key] is None else f"{ratios[item.key]:g}")
+        rows.append(row)
+    title = f"Repeats (* each side's median run by {repeats['by']}: the one reported above)"
+    return title, header, rows
 
 
 def _baseline_vs_ceiling(result: dict[str, Any]) -> list[dict[str, Any]]:
