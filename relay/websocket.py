@@ -9,9 +9,9 @@ to the messages that came before it. Everything to send collects in one buffer.
 
 `WebSocket` drives it over a Trio stream (a `trio.SSLStream` for TLS):
 `receive()` reads once and returns every message that read completed,
-`send()` only buffers, and `run_writer()` writes whatever is pending with
-one `send_all`, under a per-connection send deadline rather than a cancel
-scope per frame. `aclose()` does the close handshake within a deadline and
+`send()` only buffers, and `run_writer()` writes whatever is pending at
+once, under a per-connection send deadline rather than a cancel scope per
+frame (both with `relay.netio`'s fewer system calls on plain TCP). `aclose()` does the close handshake within a deadline and
 closes the stream.
 
 `read_opening` and `Upgrade` do the HTTP/1.1 side with wsproto's handshake;
@@ -22,7 +22,6 @@ is ever negotiated (no permessage-deflate).
 from __future__ import annotations
 
 import math
-import os
 
 import h11
 import trio
@@ -40,6 +39,8 @@ from wsproto.events import (
 )
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from relay.netio import Reader, write_at_once
 
 Message = str | bytes
 
@@ -209,6 +210,7 @@ class WebSocket:
         "_drained",
         "_finishing",
         "_pending",
+        "_reader",
         "_ready",
         "_send_timeout_s",
         "_stream",
@@ -227,6 +229,7 @@ class WebSocket:
         received: bytes = b"",
     ) -> None:
         self._stream = stream
+        self._reader = Reader(stream, RECEIVE_BYTES)
         self.protocol = ServerProtocol(max_message_bytes)
         self._send_timeout_s = send_timeout_s
         self._ready = trio.lowlevel.ParkingLot()  # the writer waits here for output
@@ -251,7 +254,7 @@ class WebSocket:
         if protocol.ended:
             return []
         try:
-            data = await self._stream.receive_some(RECEIVE_BYTES)
+            data = await self._reader.read()
         except trio.BrokenResourceError:
             self.broken = True
             data = b""
@@ -291,7 +294,6 @@ class WebSocket:
         `finish_writing()` and an empty queue. Returns early when a write outlasts the
         send deadline (`stuck`) or fails."""
         protocol, stream = self.protocol, self._stream
-        socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         with self._deadline:
             while True:
                 while not protocol.output_bytes:
@@ -300,7 +302,7 @@ class WebSocket:
                     await self._ready.park()
                 data = memoryview(protocol.output())
                 try:
-                    written = _write_at_once(socket, data)
+                    written = write_at_once(stream, data)
                     # The deadline is for progress: a large batch goes in parts, each
                     # with the whole send timeout, so a client reading steadily is fine.
                     for start in range(written, len(data), WRITE_BYTES):
@@ -370,22 +372,6 @@ class WebSocket:
                 left -= len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-
-
-def _write_at_once(socket: trio.socket.SocketType | None, data: memoryview) -> int:
-    """How much of `data` the socket took without waiting (nothing for TLS: None).
-
-    One non-blocking write(2) in place of `send_all`, which costs a trip through the
-    scheduler per write even when the socket has room: the common case, a write per
-    batch of frames. Raises OSError when the peer is gone. The descriptor is looked up
-    at each write: a closed socket's (-1) is never one another connection reuses."""
-    fileno = -1 if socket is None else socket.fileno()
-    if fileno < 0:
-        return 0
-    try:
-        return os.write(fileno, data)
-    except BlockingIOError:
-        return 0
 
 
 # -- the opening handshake --------------------------------------------------------

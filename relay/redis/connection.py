@@ -22,6 +22,8 @@ import redis
 import trio
 from redis.connection import parse_url
 
+from relay.netio import Reader, write_at_once
+
 RECEIVE_BYTES = 256 * 1024
 
 
@@ -53,7 +55,8 @@ def _reply_error(message: str) -> redis.ResponseError:
 class RedisConnection:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
-        self._reader = hiredis.Reader(
+        self._reader = Reader(stream, RECEIVE_BYTES)
+        self._parser = hiredis.Reader(
             encoding="utf-8",
             errors="replace",  # the relay writes only UTF-8; anything else is not ours
             replyError=_reply_error,
@@ -101,25 +104,27 @@ class RedisConnection:
 
     async def send(self, data: bytes) -> None:
         try:
-            await self._stream.send_all(data)
+            written = write_at_once(self._stream, data)
+            if written < len(data):
+                await self._stream.send_all(memoryview(data)[written:])
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ConnectionLost(f"write failed: {exc}") from None
 
     async def reply(self) -> Any:
         """The next reply (an error reply is returned as its exception)."""
-        while (reply := self._reader.gets()) is False:
+        while (reply := self._parser.gets()) is False:
             try:
-                data = await self._stream.receive_some(RECEIVE_BYTES)
+                data = await self._reader.read()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ConnectionLost(f"read failed: {exc}") from None
             if not data:
                 raise ConnectionLost("Redis closed the connection")
-            self._reader.feed(data)  # type: ignore[arg-type]  # a bytearray from SSL is fine
+            self._parser.feed(data)  # type: ignore[arg-type]  # a bytearray from SSL is fine
         return reply
 
     def buffered_reply(self) -> Any:
         """The next reply if it has been read already, else False (no I/O)."""
-        return self._reader.gets()
+        return self._parser.gets()
 
     def looks_closed(self) -> bool:
         """Whether an idle connection has become readable: then it holds an EOF (a
