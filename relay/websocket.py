@@ -11,8 +11,9 @@ to the messages that came before it. Everything to send collects in one buffer.
 `receive()` reads once and returns every message that read completed,
 `send()` only buffers, and `run_writer()` writes whatever is pending at
 once, under a per-connection send deadline rather than a cancel scope per
-frame (both with `relay.netio`'s fewer system calls on plain TCP). `aclose()` does the close handshake within a deadline and
-closes the stream.
+frame (reads and writes with `relay.netio`'s fewer system calls on plain
+TCP). `aclose()` does the close handshake within a deadline and closes the
+stream.
 
 `read_opening` and `Upgrade` do the HTTP/1.1 side with wsproto's handshake;
 plain requests on the port are answered by `relay.web_routes`. No extension
