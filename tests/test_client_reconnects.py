@@ -23,6 +23,7 @@ from relay.client import (
     Event,
     Reconnecting,
     RelayClient,
+    RelayClientError,
     RelayStopped,
     Token,
     Welcomed,
@@ -35,6 +36,7 @@ from relay.redis.admin import RedisClient, connect
 pytest_plugins = ["relay_fixtures"]
 
 STEP_S = 30.0  # one scenario, relay restarts included, on a small shared machine
+PAUSE_ATTEMPTS = 3  # pauses of Redis tried until a send in flight is answered `unconfirmed`
 
 
 @pytest.fixture
@@ -278,27 +280,55 @@ async def test_unconfirmed_sends_are_sent_again_until_stored_once(
     own_server: EmbeddedServer, prefix: str, tmp_path: Path
 ) -> None:
     """Redis paused (SIGSTOP) past --redis-timeout: the relay answers `unconfirmed` (maybe
-    stored); the client sends again with the same ref until Redis answers again."""
+    stored); the client sends again with the same ref until Redis answers again.
+
+    A send that reaches the relay while another command of its pipeline (the relay's own
+    epoch poll, every second) is already waiting on the paused Redis is refused unsent,
+    `storage_unavailable`, and must not be stored: then the pause is tried again."""
     hal, ops = unique("hal"), free_loopback_port()
     extra = ("--redis-timeout", "1", "--ops-port", str(ops))
     own_client = connect(own_server.url)
     try:
         async with relay_process(own_server.url, prefix, tmp_path / "relay.log", *extra) as p:
-            with trio.fail_after(STEP_S):
+            with trio.fail_after(STEP_S * PAUSE_ATTEMPTS):
                 async with fast_client(p.url, token("alice")) as alice:
-                    await alice.send(hal, "warm up")
-                    os.kill(own_server.pid, signal.SIGSTOP)
-                    try:
-                        async with trio.open_nursery() as nursery:
-                            nursery.start_soon(alice.send, hal, "while paused")
-                            await poll_until(lambda: alice.stats.sends >= 3)  # a resend
-                            os.kill(own_server.pid, signal.SIGCONT)
-                    finally:
-                        os.kill(own_server.pid, signal.SIGCONT)
+                    for attempt in range(PAUSE_ATTEMPTS):
+                        await alice.send(hal, f"warm up {attempt}")  # Redis answers again
+                        if await _send_while_paused(alice, own_server, hal, attempt):
+                            break
+                    else:
+                        pytest.fail(f"no send was answered unconfirmed in {PAUSE_ATTEMPTS} pauses")
                 unconfirmed = (await scrape(ops)).value(
                     "relay_requests_rejected_total", code="unconfirmed"
                 )
         assert unconfirmed >= 1
-        assert stored_bodies(own_client, prefix, hal) == ["warm up", "while paused"]
+        warm_ups = [f"warm up {n}" for n in range(attempt + 1)]
+        assert stored_bodies(own_client, prefix, hal) == [*warm_ups, f"while paused {attempt}"]
     finally:
         own_client.close()
+
+
+async def _send_while_paused(
+    alice: RelayClient, server: EmbeddedServer, to: str, attempt: int
+) -> bool:
+    """Send while Redis is paused; whether the client sent it again (after `unconfirmed`).
+    When not, the relay refused it unsent (`storage_unavailable`)."""
+    refused: list[str] = []
+    before = alice.stats.sends
+
+    async def send() -> None:
+        try:
+            await alice.send(to, f"while paused {attempt}")
+        except RelayClientError as exc:
+            refused.append(exc.code)
+
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            await poll_until(lambda: alice.stats.sends >= before + 2 or bool(refused))
+            os.kill(server.pid, signal.SIGCONT)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert refused in ([], ["storage_unavailable"]), refused
+    return not refused
