@@ -204,11 +204,26 @@ class RedisMailboxStore:
         commands.extend(self._epoch_refresh())
         results = await self.pump.execute_many(commands)
         outcomes: list[Accepted | Exception] = []
+        undo: list[tuple[int, _PreparedSend, list[tuple[str, str]]]] = []
         offset = 0
-        for one in prepared:
+        for index, one in enumerate(prepared):
             count = len(one.commands)
-            outcomes.append(await self._outcome(one, results[offset : offset + count]))
+            outcome, stored = self._outcome(one, results[offset : offset + count])
+            outcomes.append(outcome)
+            if isinstance(outcome, Exception) and stored:
+                undo.append((index, one, stored))
             offset += count
+        if undo:
+            # The copies of every failed send of the batch are deleted in one pump request:
+            # while Redis stalls, each request can take the whole timeout.
+            undone = await self._unsend(
+                [(one.send.ref, one.tag, stored) for _, one, stored in undo]
+            )
+            for (index, _, _), deleted in zip(undo, undone, strict=True):
+                if not deleted:
+                    outcomes[index] = Unconfirmed(
+                        "the send failed and some copies may still be stored"
+                    )
         return outcomes
 
     def _prepare(self, sender: str, send: SendRequest, now_ms: int) -> _PreparedSend:
@@ -254,9 +269,11 @@ class RedisMailboxStore:
             )
         return _PreparedSend(send, ids, expires_at_ms, tag, commands)
 
-    async def _outcome(self, one: _PreparedSend, results: Sequence[Any]) -> Accepted | Exception:
-        """What the replies to one send's commands mean; a failed send's stored copies are
-        deleted again (all or none)."""
+    def _outcome(
+        self, one: _PreparedSend, results: Sequence[Any]
+    ) -> tuple[Accepted | Exception, list[tuple[str, str]]]:
+        """What the replies to one send's commands mean, and the copies (recipient, id) they
+        stored: a failed send's are to be deleted again (all or none)."""
         ids, expires_at_ms, ref = one.ids, one.expires_at_ms, one.send.ref
         stored: list[tuple[str, str]] = []  # copies this call created
         duplicate = False
@@ -283,26 +300,32 @@ class RedisMailboxStore:
                 if failure is None or isinstance(exc, Unconfirmed):
                     failure = exc
         if failure is not None:
-            if not await self._unsend(ref, one.tag, stored):
-                failure = Unconfirmed("the send failed and some copies may still be stored")
-            return failure  # maybe shared by every send of the batch: not to be changed
-        return Accepted(ids=ids, expires_at_ms=expires_at_ms, duplicate=duplicate)
+            return failure, stored  # maybe shared by every send of the batch: not to be changed
+        return Accepted(ids=ids, expires_at_ms=expires_at_ms, duplicate=duplicate), stored
 
-    async def _unsend(self, ref: str | None, tag: str, stored: list[tuple[str, str]]) -> bool:
-        """Delete, best effort, the copies one failed send stored, each with its ref
-        record; whether every one is known deleted."""
+    async def _unsend(
+        self, sends: Sequence[tuple[str | None, str, list[tuple[str, str]]]]
+    ) -> list[bool]:
+        """Delete, best effort, the copies failed sends stored (ref, tag, copies), each
+        with its ref record; for each send, whether every one is known deleted."""
         commands = []
-        for recipient, message_id in stored:
-            keys = self.keys(recipient)
-            commands.append(
-                Command.call(
-                    UNSEND,
-                    (keys.idx, keys.tally, keys.msg(message_id), keys.ref_prefix + tag),
-                    (message_id, "0" if ref is None else "1"),
+        for ref, tag, stored in sends:
+            for recipient, message_id in stored:
+                keys = self.keys(recipient)
+                commands.append(
+                    Command.call(
+                        UNSEND,
+                        (keys.idx, keys.tally, keys.msg(message_id), keys.ref_prefix + tag),
+                        (message_id, "0" if ref is None else "1"),
+                    )
                 )
-            )
-        results = await self.pump.execute_many(commands) if commands else []
-        return not any(isinstance(result, Exception) for result in results)
+        results = await self.pump.execute_many(commands)
+        deleted, offset = [], 0
+        for _, _, stored in sends:
+            replies = results[offset : offset + len(stored)]
+            deleted.append(not any(isinstance(reply, Exception) for reply in replies))
+            offset += len(stored)
+        return deleted
 
     async def start_session(self, mailbox: str, notice: str = "") -> SessionStart:
         keys = self.keys(mailbox)

@@ -143,6 +143,35 @@ async def test_sends_of_one_read_failing_together_are_each_answered_with_their_o
     assert {a.get("code") for a in answers} <= {"unconfirmed", "storage_unavailable"}, answers
 
 
+async def test_multi_recipient_sends_of_one_read_refused_together_leave_no_copy(
+    own_server: EmbeddedServer, own_client: RedisClient, prefix: str
+) -> None:
+    """Sends to two mailboxes, one of them full, that came in one write: the copies stored
+    for the other mailbox are deleted again (for all the sends of the batch at once), and
+    each send is answered mailbox_full with its own ref."""
+    bob, carol = unique("bob"), unique("carol")
+    refs = [f"m{n}" for n in range(8)]
+    config = relay_config(own_server.url, prefix, max_mailbox_messages=1)
+    async with serving(config) as relay:
+        with trio.fail_after(DEADLINE_S):
+            async with raw_session(url_of(relay), "alice") as (alice, _):
+                answer = await request(alice, {"type": "send", "to": carol, "body": "fills"})
+                assert answer["type"] == "accepted", answer
+            stream, ws = await open_raw_session(relay.port, unique("alice"))
+            (welcome,) = await text_frames(stream, ws, 1)
+            assert welcome["type"] == "welcome"
+            frames = [
+                orjson.dumps({"type": "send", "to": [bob, carol], "body": r, "ref": r}).decode()
+                for r in refs
+            ]
+            await stream.send_all(b"".join(ws.send(TextMessage(f)) for f in frames))
+            answers = await text_frames(stream, ws, len(refs))
+            await stream.aclose()
+    assert [(a["ref"], a.get("code")) for a in answers] == [(r, "mailbox_full") for r in refs]
+    assert list(own_client.scan_iter(match=f"{prefix}{{{bob}}}*")) == []  # nor ref records
+    assert bodies_stored(own_client, prefix, carol) == ["fills"]
+
+
 async def _session(url: str, mailbox: str, *, task_status: trio.TaskStatus[Any]) -> None:
     async with raw_session(url, mailbox) as (ws, _):
         task_status.started(ws)
