@@ -57,7 +57,7 @@ def own_server(redis_server: EmbeddedServer) -> Iterator[EmbeddedServer]:
 
 def fast_client(url: str, tok: Token, **options: Any) -> AbstractAsyncContextManager[RelayClient]:
     """open_client with short backoffs: the tests wait for the reconnects."""
-    return open_client(url, tok, min_backoff_s=0.05, max_backoff_s=0.4, **options)
+    return open_client(url, tok, **{"min_backoff_s": 0.05, "max_backoff_s": 0.4, **options})
 
 
 def stored_bodies(redis_client: RedisClient, prefix: str, mailbox: str) -> list[str]:
@@ -259,12 +259,15 @@ async def test_rate_limited_sends_are_retried_and_each_stored_once(
 ) -> None:
     # Below one frame a second a frame over the burst would wait longer than the relay
     # delays one (protocol.md, "Rate limits"), so it is refused rather than slowed.
+    # Each refusal is a strike, and more than the burst of them closes the session (1008):
+    # the retries back off up to 2 s here (20 s by default); fast_client's 0.4 s
+    # cap let 3 refused sends come back about 15 times in the second they are refused.
     gus, ops, sends = unique("gus"), free_loopback_port(), 22
     extra = ("--rate-limit", "0.5/s", "--rate-burst", "20", "--ops-port", str(ops))
     async with relay_process(redis_url, prefix, tmp_path / "relay.log", *extra) as process:
         with trio.fail_after(STEP_S):
             async with (
-                fast_client(process.url, token("alice")) as alice,
+                fast_client(process.url, token("alice"), max_backoff_s=2.0) as alice,
                 trio.open_nursery() as nursery,
             ):
                 for i in range(sends):  # 2 over the burst: refused, then sent again
