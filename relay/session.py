@@ -54,7 +54,7 @@ from relay.websocket import Message, WebSocket
 
 log = logging.getLogger(__name__)
 
-FETCH_PAGE = 100  # messages read from Redis at a time
+FETCH_PAGE = 256  # messages read from Redis at most at a time (the default window)
 NOTICE_BUFFER_BYTES = 256 * 1024  # envelopes held for a busy session before falling back to Redis
 CLOSE_TIMEOUT_S = 2.0
 STORAGE_RETRY_S = 1.0
@@ -615,16 +615,16 @@ class Session:
             if self._must_read:
                 self._must_read = False
                 try:
-                    batch = await self._services.store.fetch(self.mailbox, self._cursor, slots)
+                    page = await self._services.store.fetch(self.mailbox, self._cursor, slots)
                 except StorageError as exc:
                     log.warning("session %s: %s; retrying", pseudonym(self.mailbox), exc.message)
                     self._inflight.give(slots)
                     self._must_read = True
                     await trio.sleep(STORAGE_RETRY_S)
                     continue
-                if len(batch) == slots:
-                    self._must_read = True  # there may be more
-                deliveries = [(d.seq, d.id, d.envelope) for d in batch]
+                if page.more:
+                    self._must_read = True  # (a resync meanwhile has set it too)
+                deliveries = [(d.seq, d.id, d.envelope) for d in page.deliveries]
             else:
                 deliveries = self._take_notices(slots)
             self._inflight.give(slots - len(deliveries))

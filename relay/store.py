@@ -7,6 +7,10 @@ from typing import Protocol
 
 import attrs
 
+# A read of waiting messages stops once it holds about this much (at most 32 messages
+# more): a page of large messages costs the relay and Redis no more than a page of small.
+FETCH_BYTES = 1024 * 1024
+
 
 @attrs.frozen
 class Accepted:
@@ -41,6 +45,15 @@ class Delivery:
 
 
 @attrs.frozen
+class Page:
+    """Waiting messages read at once. `more`: the read stopped at its limit or its byte
+    budget, so more may wait; false once the mailbox had nothing more to give."""
+
+    deliveries: list[Delivery]
+    more: bool
+
+
+@attrs.frozen
 class SessionStart:
     """What the store knows when a mailbox's session begins."""
 
@@ -72,8 +85,11 @@ class MailboxStore(Protocol):
         """Forget expired messages, count them, and publish `notice` to the mailbox's sessions."""
         ...
 
-    async def fetch(self, mailbox: str, after: int, limit: int) -> list[Delivery]:
-        """Up to `limit` waiting messages with a sequence above `after`, oldest first."""
+    async def fetch(
+        self, mailbox: str, after: int, limit: int, max_bytes: int = FETCH_BYTES
+    ) -> Page:
+        """Up to `limit` waiting messages with a sequence above `after`, oldest first;
+        fewer once they hold about `max_bytes`."""
         ...
 
     async def ack(self, mailbox: str, ids: Sequence[str]) -> int:

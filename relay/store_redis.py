@@ -47,7 +47,15 @@ from relay.errors import (
     Unconfirmed,
 )
 from relay.redis.pump import Command, LuaScript, Merge, RedisPump
-from relay.store import Accepted, Delivery, SendRequest, SessionStart, envelope_id
+from relay.store import (
+    FETCH_BYTES,
+    Accepted,
+    Delivery,
+    Page,
+    SendRequest,
+    SessionStart,
+    envelope_id,
+)
 
 
 def _load(name: str, *parts: str) -> LuaScript:
@@ -363,16 +371,20 @@ class RedisMailboxStore:
         self._epoch_refreshed = now
         return [self._epoch_command()]
 
-    async def fetch(self, mailbox: str, after: int, limit: int) -> list[Delivery]:
+    async def fetch(
+        self, mailbox: str, after: int, limit: int, max_bytes: int = FETCH_BYTES
+    ) -> Page:
         keys = self.keys(mailbox)
-        flat = await self._script(FETCH, (keys.idx,), (keys.msg_prefix, after, limit))
+        more, *flat = await self._script(
+            FETCH, (keys.idx,), (keys.msg_prefix, after, limit, max_bytes)
+        )
         deliveries = []
         for i in range(0, len(flat), 2):
             envelope = flat[i + 1][TAG_BYTES + 1 :]  # a stored value is "<tag>\n<envelope>"
             message_id = envelope_id(envelope)
             if message_id is not None:  # every envelope the store wrote has one
                 deliveries.append(Delivery(int(flat[i]), message_id, envelope))
-        return deliveries
+        return Page(deliveries, more == 1)
 
     async def ack(self, mailbox: str, ids: Sequence[str]) -> int:
         (deleted,) = await self.pump.execute_many([self._ack_command(self.keys(mailbox), ids)])

@@ -64,7 +64,7 @@ async def test_every_key_written_carries_a_ttl_within_retention(
         short = await store.send("alice", ["dave"], "short", 5, "r-short", t)
         await store.send("alice", ["bob"], "one", 600, "r1", t + 10)  # repeated ref
         assert (await store.start_session("bob")).waiting == 2
-        assert len(await store.fetch("bob", 0, 10)) == 2
+        assert len((await store.fetch("bob", 0, 10)).deliveries) == 2
         assert await store.ack("bob", [first.ids["bob"]]) == 1
         await store.start_session("carol")
         await store.fetch("carol", 0, 10)
@@ -122,7 +122,7 @@ async def test_ack_deletes_the_message_and_returns_the_count_deleted(
         assert await store.ack("bob", ids[:2]) == 2
         assert redis_client.exists(keys.msg(ids[0]), keys.msg(ids[1])) == 0
         assert redis_client.exists(keys.msg(ids[2])) == 1
-        assert [d.id for d in await store.fetch("bob", 0, 10)] == [ids[2]]
+        assert [d.id for d in (await store.fetch("bob", 0, 10)).deliveries] == [ids[2]]
         start = await store.start_session("bob")
     assert (start.expired, start.waiting) == (0, 1)  # acked is not expired
 
@@ -141,7 +141,7 @@ async def test_acks_are_idempotent_and_unknown_ids_are_ignored(
         assert await store.ack("carol", [b]) == 0  # another mailbox's message is untouched
         assert redis_client.exists(store.keys("bob").msg(b)) == 1
         assert await store.ack("bob", [b, b, "unknown"]) == 1  # duplicates count once
-        assert await store.fetch("bob", 0, 10) == []
+        assert (await store.fetch("bob", 0, 10)).deliveries == []
         start = await store.start_session("bob")
     assert (start.expired, start.waiting) == (0, 0)
 
@@ -158,14 +158,14 @@ async def test_messages_are_fetched_in_send_order_across_pages_exactly_once(
         assert (await store.start_session("bob")).waiting == 500
         fetched: list[Any] = []
         after, pages = 0, 0
-        while page := await store.fetch("bob", after, 100):
+        while page := (await store.fetch("bob", after, 100)).deliveries:
             assert len(page) <= 100
             fetched += page
             after = page[-1].seq
             pages += 1
         assert pages == 5
         # `after` is exclusive: from the seq of the 250th message on, the 251st comes next.
-        assert (await store.fetch("bob", fetched[249].seq, 1))[0].id == sent[250]
+        assert ((await store.fetch("bob", fetched[249].seq, 1)).deliveries)[0].id == sent[250]
 
         assert [d.id for d in fetched] == sent
         assert [orjson.loads(d.envelope)["body"] for d in fetched] == [f"#{n}" for n in range(500)]
@@ -174,6 +174,40 @@ async def test_messages_are_fetched_in_send_order_across_pages_exactly_once(
 
         assert await store.ack("bob", sent) == 500
     assert keys_under(redis_client, f"{prefix}*") == []  # sent without ref: nothing left
+
+
+async def test_a_read_says_whether_more_may_wait(store: RedisMailboxStore) -> None:
+    t = now_ms()
+    with trio.fail_after(DEADLINE_S):
+        for n in range(3):
+            await store.send("alice", ["bob"], f"#{n}", 600, None, t + n)
+        at_limit = await store.fetch("bob", 0, 3)
+        assert (len(at_limit.deliveries), at_limit.more) == (3, True)  # stopped at its limit
+        after = await store.fetch("bob", at_limit.deliveries[-1].seq, 3)
+        assert (after.deliveries, after.more) == ([], False)
+        everything = await store.fetch("bob", 0, 10)
+        assert (len(everything.deliveries), everything.more) == (3, False)
+
+
+async def test_a_read_of_large_messages_stops_at_its_byte_budget(store: RedisMailboxStore) -> None:
+    """The budget is checked every 32 messages: 100 of 10 KiB, 50 KiB a read, go 32 at a
+    time, each once and in order."""
+    t = now_ms()
+    body = "x" * 10 * 1024
+    with trio.fail_after(DEADLINE_S):
+        sent = [
+            (await store.send("alice", ["bob"], body, 600, None, t + n)).ids["bob"]
+            for n in range(100)
+        ]
+        fetched, sizes, after, more = [], [], 0, True
+        while more:
+            page = await store.fetch("bob", after, 256, max_bytes=50 * 1024)
+            sizes.append(len(page.deliveries))
+            fetched += [d.id for d in page.deliveries]
+            after = page.deliveries[-1].seq if page.deliveries else after
+            more = page.more
+    assert sizes == [32, 32, 32, 4]
+    assert fetched == sent
 
 
 async def test_repeated_ref_from_same_sender_stores_nothing_new(
@@ -191,7 +225,7 @@ async def test_repeated_ref_from_same_sender_stores_nothing_new(
             assert msg_keys(redis_client, store, mailbox) == [
                 store.keys(mailbox).msg(first.ids[mailbox])
             ]
-            (delivery,) = await store.fetch(mailbox, 0, 10)
+            (delivery,) = (await store.fetch(mailbox, 0, 10)).deliveries
             assert orjson.loads(delivery.envelope)["body"] == "hello"
 
 
@@ -202,12 +236,12 @@ async def test_repeated_ref_after_ack_stores_nothing_new(
     with trio.fail_after(DEADLINE_S):
         first = await store.send("alice", ["bob"], "hello", 60, "r1", t)
         assert (await store.start_session("bob")).waiting == 1
-        assert [d.id for d in await store.fetch("bob", 0, 10)] == [first.ids["bob"]]
+        assert [d.id for d in (await store.fetch("bob", 0, 10)).deliveries] == [first.ids["bob"]]
         assert await store.ack("bob", [first.ids["bob"]]) == 1
         # A late retry of the acked send must not deliver the message again.
         retry = await store.send("alice", ["bob"], "hello", 60, "r1", t + 1000)
         assert (retry.ids, retry.duplicate) == (first.ids, True)
-        assert await store.fetch("bob", 0, 10) == []
+        assert (await store.fetch("bob", 0, 10)).deliveries == []
     # Only the idempotency record is left, named by a hash, and it lives for the
     # dedupe window only (the store's is 2 s here), never the message's whole ttl.
     ref_key = store.keys("bob").ref("alice", "r1")
@@ -223,7 +257,7 @@ async def test_same_ref_from_a_different_sender_is_a_different_message(
     with trio.fail_after(DEADLINE_S):
         from_alice = await store.send("alice", ["bob"], "from alice", 600, "c-1", t)
         from_mallory = await store.send("mallory", ["bob"], "from mallory", 600, "c-1", t)
-        deliveries = await store.fetch("bob", 0, 10)
+        deliveries = (await store.fetch("bob", 0, 10)).deliveries
     assert from_alice.ids["bob"] != from_mallory.ids["bob"]
     assert [d.id for d in deliveries] == [from_alice.ids["bob"], from_mallory.ids["bob"]]
     assert [orjson.loads(d.envelope)["from"] for d in deliveries] == ["alice", "mallory"]
@@ -246,7 +280,7 @@ async def test_expired_message_is_gone_and_counted_at_session_start(
 
         start = await store.start_session("bob")
         assert (start.expired, start.waiting) == (1, 1)  # the acked one is not counted
-        assert [d.id for d in await store.fetch("bob", 0, 10)] == [staying]
+        assert [d.id for d in (await store.fetch("bob", 0, 10)).deliveries] == [staying]
         assert await store.ack("bob", [expiring]) == 0  # expired ids are ignored
         again = await store.start_session("bob")
     assert (again.expired, again.waiting) == (0, 1)  # reported once
@@ -261,7 +295,7 @@ async def test_expired_messages_leave_nothing_behind(
         keys = store.keys("bob")
         await wait_until_gone(redis_client, keys.msg(sent.ids["bob"]), keys.idx)
         assert (await store.start_session("bob")).expired == 1
-        assert await store.fetch("bob", 0, 10) == []
+        assert (await store.fetch("bob", 0, 10)).deliveries == []
     assert keys_under(redis_client, keys.base + "*") == []
 
 
@@ -286,7 +320,7 @@ async def test_send_publishes_seq_and_envelope_on_the_mailbox_channel(
 
             accepted = await store.send("alice", ["bob"], "ping ✓", 600, None, now_ms())
             published = await trio.to_thread.run_sync(next_message)
-            (delivery,) = await store.fetch("bob", 0, 10)
+            (delivery,) = (await store.fetch("bob", 0, 10)).deliveries
     finally:
         pubsub.close()
         subscriber.close()
@@ -316,7 +350,7 @@ async def test_envelope_carries_id_from_body_and_times(
             await nursery.start(pump.run)
             store = RedisMailboxStore(pump, prefix=prefix, retention_s=3600)
             accepted = await store.send("alice", [mailbox], body, 120, None, t)
-            (delivery,) = await store.fetch(mailbox, 0, 10)
+            (delivery,) = (await store.fetch(mailbox, 0, 10)).deliveries
             nursery.cancel_scope.cancel()
     assert orjson.loads(delivery.envelope) == {
         "id": accepted.ids[mailbox],

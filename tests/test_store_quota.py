@@ -105,7 +105,7 @@ async def test_multi_recipient_send_stores_one_copy_per_recipient(
         assert sorted(accepted.ids) == sorted(recipients)
         assert len(set(accepted.ids.values())) == 3
         for mailbox in recipients:
-            (delivery,) = await store.fetch(mailbox, 0, 10)
+            (delivery,) = (await store.fetch(mailbox, 0, 10)).deliveries
             assert delivery.id == accepted.ids[mailbox]
             envelope = orjson.loads(delivery.envelope)
             assert envelope["body"] == "to all" and envelope["from"] == "alice"

@@ -68,7 +68,7 @@ async def test_a_lost_tally_is_rebuilt_from_the_index(
             await small.send("alice", ["bob"], "m4", 600, "r4", t)
         assert 0 < redis_client.pttl(keys.tally) <= RETENTION_MS
 
-        fetched = await small.fetch("bob", 0, 10)
+        fetched = (await small.fetch("bob", 0, 10)).deliveries
         assert [d.id for d in fetched] == sent
         seqs = [d.seq for d in fetched]
         assert seqs == sorted(seqs) and len(set(seqs)) == 4
@@ -93,7 +93,7 @@ async def test_sequences_keep_growing_past_the_clock_and_across_a_lost_tally(
         second = (await store.send("alice", ["bob"], "second", 600, None, t)).ids["bob"]
         redis_client.delete(keys.tally)
         third = (await store.send("alice", ["bob"], "third", 600, None, t)).ids["bob"]
-        fetched = await store.fetch("bob", 0, 10)
+        fetched = (await store.fetch("bob", 0, 10)).deliveries
     assert [(d.id, d.seq) for d in fetched] == [
         (first, AHEAD),
         (second, AHEAD + 1),  # 1799999999999999 + 1: the digits carry
@@ -137,7 +137,9 @@ async def test_expired_messages_a_fetch_skipped_are_reported_at_the_next_session
         short = (await store.send("alice", ["bob"], "short", 1, None, t)).ids["bob"]
         kept = (await store.send("alice", ["bob"], "kept", 600, None, t)).ids["bob"]
         await wait_until_gone(redis_client, keys.msg(short))
-        assert [d.id for d in await store.fetch("bob", 0, 10)] == [kept]  # drops `short`
+        assert [d.id for d in (await store.fetch("bob", 0, 10)).deliveries] == [
+            kept
+        ]  # drops `short`
         assert await store.ack("bob", [kept]) == 1
         start = await store.start_session("bob")
     assert (start.expired, start.waiting) == (1, 0)
@@ -203,7 +205,7 @@ async def test_the_tally_counts_the_bytes_of_short_and_long_messages_exactly(
         ]
         sizes = [int(redis_client.strlen(keys.msg(i))) for i in ids]
         assert tally_of(redis_client, store, "bob")["b"] == str(sum(sizes))
-        fetched = await store.fetch("bob", 0, 10)
+        fetched = (await store.fetch("bob", 0, 10)).deliveries
         assert [orjson.loads(d.envelope)["body"] for d in fetched] == bodies
         assert await store.ack("bob", [ids[1], ids[2]]) == 2
         assert tally_of(redis_client, store, "bob")["b"] == str(sizes[0] + sizes[3])
@@ -264,7 +266,7 @@ async def test_sends_to_one_mailbox_in_one_batch_run_as_one_script_in_their_orde
         done = await in_one_batch(store, sends)
         assert calls(redis_client, "time") - before == 2  # bob's ten as one, and carol's
         assert all(isinstance(o, Accepted) and not o.duplicate for _, o in done)
-        fetched = await store.fetch("bob", 0, 20)
+        fetched = (await store.fetch("bob", 0, 20)).deliveries
     to_bob = [(s, o) for s, o in done if s["recipients"] == ["bob"]]
     assert [orjson.loads(d.envelope)["body"] for d in fetched] == [s["body"] for s, _ in to_bob]
     assert [d.id for d in fetched] == [o.ids["bob"] for _, o in to_bob]
@@ -287,7 +289,7 @@ async def test_refs_in_one_batch_behave_as_in_separate_sends(
     with trio.fail_after(DEADLINE_S):
         await store.send(**send_args("warm", None, to="warm"))
         done = await in_one_batch(store, sends)
-        fetched = await store.fetch("bob", 0, 10)
+        fetched = (await store.fetch("bob", 0, 10)).deliveries
     # The first queued of those with ref "same" is stored; a later one of the same
     # request is its duplicate, one of another request a conflict.
     same = [(s, o) for s, o in done if s["ref"] == "same"]
@@ -315,7 +317,7 @@ async def test_the_quota_in_one_batch_admits_the_first_queued(
     with trio.fail_after(DEADLINE_S):
         await small.send(**send_args("warm", None, to="warm"))
         done = await in_one_batch(small, sends)
-        fetched = await small.fetch("bob", 0, 10)
+        fetched = (await small.fetch("bob", 0, 10)).deliveries
     assert [type(o) for _, o in done] == [Accepted] * 3 + [MailboxFull] * 2
     assert [x.id for x in fetched] == [o.ids["bob"] for _, o in done[:3]]
     refs = keys_under(redis_client, small.keys("bob").base + "ref:*")

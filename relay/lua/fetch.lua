@@ -1,12 +1,22 @@
 -- Read up to `limit` waiting messages with a sequence above `after`, oldest first,
--- dropping index entries whose message has expired.
--- KEYS: idx   ARGV: msg key prefix, after, limit
--- Returns a flat list {seq, value, seq, value, ...}: the stored values, `tag\nenvelope`.
-local idx, prefix, limit = KEYS[1], ARGV[1], tonumber(ARGV[3])
-local out, found = {}, 0
+-- dropping index entries whose message has expired. The read also stops once the
+-- values it holds reach `max_bytes` (checked every CHUNK messages, so it holds at most
+-- CHUNK messages more): a page of large messages stays small.
+-- KEYS: idx   ARGV: msg key prefix, after, limit, max_bytes
+-- Returns {more, seq, value, seq, value, ...}: `more` is 1 when the read stopped at its
+-- limit or its byte budget (more may wait), 0 when no message was left; the stored
+-- values are `tag\nenvelope`.
+local CHUNK = 32
+local idx, prefix = KEYS[1], ARGV[1]
+local limit, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[4])
+local out, found, bytes, more = { 0 }, 0, 0, 0
 local cursor = '(' .. ARGV[2]
-while found < limit do
-  local page = math.min(limit - found, 1000)
+while true do
+  if found >= limit or bytes >= max_bytes then
+    more = 1
+    break
+  end
+  local page = math.min(limit - found, CHUNK)
   local batch = redis.call('ZRANGEBYSCORE', idx, cursor, '+inf', 'WITHSCORES', 'LIMIT', 0, page)
   if #batch == 0 then
     break
@@ -21,6 +31,7 @@ while found < limit do
       out[#out + 1] = batch[2 * k]
       out[#out + 1] = value -- with its tag: taken off by the caller, for Lua would copy it
       found = found + 1
+      bytes = bytes + #value
     else
       stale[#stale + 1] = batch[2 * k - 1]
     end
@@ -30,4 +41,5 @@ while found < limit do
   end
   cursor = '(' .. batch[#batch]
 end
+out[1] = more
 return out
