@@ -55,6 +55,7 @@ from relay.websocket import Message, WebSocket
 log = logging.getLogger(__name__)
 
 FETCH_PAGE = 256  # messages read from Redis at most at a time (the default window)
+FIRST_PAGE = 32  # at most in a session's first read
 NOTICE_BUFFER_BYTES = 256 * 1024  # envelopes held for a busy session before falling back to Redis
 CLOSE_TIMEOUT_S = 2.0
 STORAGE_RETRY_S = 1.0
@@ -610,7 +611,11 @@ class Session:
         while self._must_read or self._notices:
             if ws.backlog_bytes >= OUTPUT_HIGH_WATER:
                 await ws.wait_backlog_below(OUTPUT_HIGH_WATER)
-            wanted = FETCH_PAGE if self._must_read else min(len(self._notices), FETCH_PAGE)
+            if self._must_read:
+                # The first read of a session is short: its first messages come sooner.
+                wanted = FETCH_PAGE if self._cursor else FIRST_PAGE
+            else:
+                wanted = min(len(self._notices), FETCH_PAGE)
             slots = await self._inflight.take(wanted)
             if self._must_read:
                 self._must_read = False

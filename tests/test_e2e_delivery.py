@@ -126,6 +126,23 @@ async def test_deliver_frame_carries_several_messages_when_a_backlog_exists(
     assert [m["body"] for m in first["messages"] + rest] == [f"b{n}" for n in range(10)]
 
 
+async def test_a_backlog_comes_first_in_a_short_read_then_in_full_pages(
+    relay: RunningRelay,
+) -> None:
+    """A session's first read is short (its first messages come sooner); the reads after
+    it take a whole page, so the window fills without waiting for acks."""
+    with trio.fail_after(DEADLINE_S):
+        async with open_relay(relay.url, token("alice")) as alice:
+            for n in range(100):
+                await alice.send("bob", f"p{n}")
+        async with raw_session(relay.url, "bob") as (bob, _):
+            first = await recv(bob)
+            assert first["type"] == "deliver"
+            assert 1 <= len(first["messages"]) <= 32  # relay/session.py FIRST_PAGE
+            rest = await deliveries(bob, 100 - len(first["messages"]))  # no ack sent
+    assert [m["body"] for m in first["messages"] + rest] == [f"p{n}" for n in range(100)]
+
+
 async def test_deliver_flow_control_at_most_max_inflight_unacked(make_relay: RelayFactory) -> None:
     relay = await make_relay(max_inflight=5)
     with trio.fail_after(DEADLINE_S):
