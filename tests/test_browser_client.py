@@ -602,7 +602,7 @@ async def test_rate_limited_sends_are_sent_again_and_each_stored_once(
     # Below one frame a second a frame over the burst would wait longer than the relay
     # delays one (protocol.md, "Rate limits"), so it is refused rather than slowed.
     relay = await make_relay(rate_limit_per_s=0.5, rate_burst=10)
-    sends = 12  # with the auth frame, 3 over the burst: refused at first
+    sends = 12  # 2 over the burst, refused at first (the auth frame is not counted)
 
     def scenario(browser: Any) -> tuple[int, list[str]]:
         page = open_page(browser, http_origin(relay))
