@@ -4,6 +4,8 @@ counter, and the acceptance tests for offline delivery and redelivery.
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 from relay_fixtures import (
     DEADLINE_S,
@@ -114,16 +116,9 @@ async def test_deliver_waiting_messages_first_oldest_first(relay: RunningRelay) 
 async def test_deliver_frame_carries_several_messages_when_a_backlog_exists(
     relay: RunningRelay,
 ) -> None:
-    with trio.fail_after(DEADLINE_S):
-        async with open_relay(relay.url, token("alice")) as alice:
-            for n in range(10):
-                await alice.send("bob", f"b{n}")
-        async with raw_session(relay.url, "bob") as (bob, _):
-            first = await recv(bob)
-            assert first["type"] == "deliver"
-            assert len(first["messages"]) > 1
-            rest = await deliveries(bob, 10 - len(first["messages"]))
-    assert [m["body"] for m in first["messages"] + rest] == [f"b{n}" for n in range(10)]
+    first, rest = await _backlog_delivered(relay, [f"b{n}" for n in range(10)])
+    assert len(first) > 1
+    assert [m["body"] for m in first + rest] == [f"b{n}" for n in range(10)]
 
 
 async def test_a_backlog_comes_first_in_a_short_read_then_in_full_pages(
@@ -131,16 +126,25 @@ async def test_a_backlog_comes_first_in_a_short_read_then_in_full_pages(
 ) -> None:
     """A session's first read is short (its first messages come sooner); the reads after
     it take a whole page, so the window fills without waiting for acks."""
+    first, rest = await _backlog_delivered(relay, [f"p{n}" for n in range(100)])
+    assert 1 <= len(first) <= 32  # relay/session.py FIRST_PAGE
+    assert [m["body"] for m in first + rest] == [f"p{n}" for n in range(100)]
+
+
+async def _backlog_delivered(
+    relay: RunningRelay, bodies: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Alice sends `bodies` to bob while he is away; bob connects and reads them all,
+    acking none: the messages of his first `deliver` frame, and those of the others."""
     with trio.fail_after(DEADLINE_S):
         async with open_relay(relay.url, token("alice")) as alice:
-            for n in range(100):
-                await alice.send("bob", f"p{n}")
+            for body in bodies:
+                await alice.send("bob", body)
         async with raw_session(relay.url, "bob") as (bob, _):
             first = await recv(bob)
             assert first["type"] == "deliver"
-            assert 1 <= len(first["messages"]) <= 32  # relay/session.py FIRST_PAGE
-            rest = await deliveries(bob, 100 - len(first["messages"]))  # no ack sent
-    assert [m["body"] for m in first["messages"] + rest] == [f"p{n}" for n in range(100)]
+            rest = await deliveries(bob, len(bodies) - len(first["messages"]))
+    return first["messages"], rest
 
 
 async def test_deliver_flow_control_at_most_max_inflight_unacked(make_relay: RelayFactory) -> None:
