@@ -455,6 +455,11 @@ def own_server(redis_server: EmbeddedServer) -> Iterator[EmbeddedServer]:
     server.stop()
 
 
+def welcomes(page: Any) -> int:
+    count: int = page.evaluate("client.stats.welcomes")
+    return count
+
+
 def closes(page: Any) -> list[dict[str, Any]]:
     details: list[dict[str, Any]] = page.evaluate(
         "window.events.filter(([t]) => t === 'close').map(([, d]) => d)"
@@ -601,12 +606,16 @@ async def test_rate_limited_sends_are_sent_again_and_each_stored_once(
 ) -> None:
     # Below one frame a second a frame over the burst would wait longer than the relay
     # delays one (protocol.md, "Rate limits"), so it is refused rather than slowed.
+    # Each refusal is a strike, and more than the burst of them closes the session (1008).
+    # The retries back off up to 2 s here (20 s by default): with the harness's 300 ms
+    # cap the 2 refused sends came back about 9 times in their first second, and every
+    # run was closed 1008 (then the page reconnected and sent them again).
     relay = await make_relay(rate_limit_per_s=0.5, rate_burst=10)
     sends = 12  # 2 over the burst, refused at first (the auth frame is not counted)
 
-    def scenario(browser: Any) -> tuple[int, list[str]]:
+    def scenario(browser: Any) -> tuple[int, list[str], int, list[dict[str, Any]]]:
         page = open_page(browser, http_origin(relay))
-        start_client(page, relay.port, token("alice-l"))
+        start_client(page, relay.port, token("alice-l"), maxBackoffMs=2000)
         errors: list[str] = page.evaluate(
             f"""async () => {{
                  const sends = [];
@@ -615,11 +624,14 @@ async def test_rate_limited_sends_are_sent_again_and_each_stored_once(
                  return results.filter((r) => r.status === "rejected").map((r) => r.reason.code);
                }}"""
         )
-        return page.evaluate("client.stats.sends"), errors
+        return page.evaluate("client.stats.sends"), errors, welcomes(page), closes(page)
 
-    written, errors = await in_browser(scenario)
+    written, errors, sessions, closed = await in_browser(scenario)
     assert errors == []
     assert written > sends  # some went twice
+    # The retries stayed within the limit: one session throughout, never closed 1008
+    # (a reconnect would resend the refused sends too and hide it).
+    assert sessions == 1 and closed == []
     limited = relay.services.metrics.registry.get_sample_value(
         "relay_requests_rejected_total", {"code": "rate_limited"}
     )
