@@ -52,9 +52,10 @@ class FrameBudget:
     the relay reads nothing more from the connection meanwhile (its socket
     fills), so a client flushing a queue is slowed down, not refused, and a
     flood costs no more than the rate. A frame that would wait longer than
-    MAX_DELAY_S (a rate below one frame a second) is refused instead; each
-    refusal is a strike, strikes drain at the allowed rate, and more than
-    `burst` of them is abuse. So is being held back, read after read, for
+    MAX_DELAY_S (a rate below one frame a second) is refused instead. A read
+    with refusals is one strike (the client sent its frames before it could see
+    an answer: a queue flushed at once is one strike, however long), strikes
+    drain at the allowed rate, and more than `burst` of them is abuse. So is being held back, read after read, for
     longer than PATIENCE_BURSTS bursts' worth of the rate: a client that keeps
     the relay's buffers full: a read that brought less than FULL_READ_BYTES
     breaks the run, so a client that waits for answers before it sends more is
@@ -65,6 +66,7 @@ class FrameBudget:
     strikes: float = 0.0
     strikes_updated_s: float = 0.0
     held_since_s: float | None = None  # the first wait of the current run of held-back reads
+    struck: bool = False  # this read has refused a frame already
 
     @classmethod
     def create(cls, rate_per_s: float, burst: float, now_s: float) -> FrameBudget:
@@ -76,7 +78,7 @@ class FrameBudget:
 
     def admit(self, now_s: float) -> float:
         """0.0: handle the frame now (its token is taken); a positive number: wait that
-        many seconds, then ask again; math.inf: refuse the frame (a strike)."""
+        many seconds, then ask again; math.inf: refuse the frame (the read's strike)."""
         bucket = self.allowed
         if bucket.take(now_s):
             return 0.0
@@ -85,14 +87,17 @@ class FrameBudget:
             if self.held_since_s is None:
                 self.held_since_s = now_s
             return wait
-        drained = (now_s - self.strikes_updated_s) * bucket.rate_per_s
-        self.strikes = max(0.0, self.strikes - drained) + 1
-        self.strikes_updated_s = now_s
+        if not self.struck:
+            self.struck = True
+            drained = (now_s - self.strikes_updated_s) * bucket.rate_per_s
+            self.strikes = max(0.0, self.strikes - drained) + 1
+            self.strikes_updated_s = now_s
         return math.inf
 
     def read_done(self, held_back: bool, read_bytes: int) -> None:
         """After the frames of one read: a read none of whose frames waited, or one that
         did not find the socket full, ends a run."""
+        self.struck = False
         if not held_back or read_bytes < FULL_READ_BYTES:
             self.held_since_s = None
 

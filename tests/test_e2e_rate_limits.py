@@ -164,3 +164,35 @@ async def test_pipelined_sends_of_one_connection_arrive_in_the_order_sent(
         async with open_relay(relay.url, token(recipient)) as client:
             got = [(await client.receive()).body for _ in range(count)]
     assert got == [f"{i:03d}" for i in range(count)]
+
+
+async def test_a_queue_flushed_at_once_below_one_frame_a_second_is_refused_not_closed(
+    make_relay: RelayFactory,
+) -> None:
+    """At 0.5/s (burst 5) the frames over the burst would wait more than a second: they
+    are refused. 30 sends in one write are one strike, not 25 (the client sent them
+    before it could see an answer), so the connection stays open and, once the budget
+    has refilled, a send is accepted on it."""
+    relay = await make_relay(rate_limit_per_s=0.5, rate_burst=5, ops_port=free_loopback_port())
+    sender, recipient = unique("sender"), unique("recipient")
+    count = 30
+    frames = [
+        orjson.dumps({"type": "send", "ref": f"q-{i}", "to": recipient, "body": f"{i}"})
+        for i in range(count)
+    ]
+    later = orjson.dumps({"type": "send", "ref": "later", "to": recipient, "body": "later"})
+    with trio.fail_after(DEADLINE_S):
+        stream, ws = await open_raw_session(relay.port, sender)
+        async with stream:
+            await stream.send_all(b"".join(frame(TEXT, f) for f in frames))
+            answers = await text_frames(stream, ws, count + 1)  # welcome, sends
+            await trio.sleep(2.0)  # the time one frame's budget takes to refill
+            await stream.send_all(frame(TEXT, later))
+            (answer,) = await text_frames(stream, ws, 1)
+        metrics = await scrape(relay.ops_port)
+    assert answers[0]["type"] == "welcome"
+    assert [a["ref"] for a in answers[1:]] == [f"q-{i}" for i in range(count)]
+    assert [a["type"] for a in answers[1:6]] == ["accepted"] * 5
+    assert {a.get("code") for a in answers[6:]} == {"rate_limited"}
+    assert answer["type"] == "accepted" and answer["ref"] == "later"
+    assert metrics.value("relay_connections_closed_total", code="1008") == 0

@@ -91,15 +91,26 @@ def test_frame_budget_refuses_a_frame_that_would_wait_longer_than_the_max_delay(
     assert budget.admit(2.0 - MAX_DELAY_S) == pytest.approx(MAX_DELAY_S)  # now short enough
 
 
-def test_frame_budget_flood_of_refusals_becomes_abusive_after_more_than_burst() -> None:
+def test_frame_budget_reads_with_refusals_become_abusive_after_more_than_burst() -> None:
     budget = FrameBudget.create(rate_per_s=0.01, burst=3, now_s=0)
     for _ in range(3):
         assert budget.admit(0) == 0.0
     for refused in range(1, 4):
         assert budget.admit(0) == math.inf
+        budget.read_done(False, 100)
         assert not budget.abusive(0), f"abusive after only {refused} refusals"
     assert budget.admit(0) == math.inf
     assert budget.abusive(0)  # 4 strikes > burst 3
+
+
+def test_frame_budget_a_queue_flushed_in_one_read_is_one_strike() -> None:
+    budget = FrameBudget.create(rate_per_s=0.5, burst=10, now_s=0)
+    admitted = [budget.admit(0) for _ in range(100)]
+    assert admitted == [0.0] * 10 + [math.inf] * 90
+    assert budget.strikes == 1 and not budget.abusive(0)
+    budget.read_done(False, 10_000)
+    assert budget.admit(0.1) == math.inf  # the next read's refusal is a strike of its own
+    assert budget.strikes == pytest.approx(2 - 0.05)
 
 
 def test_frame_budget_strikes_drain_at_the_allowed_rate() -> None:
@@ -108,6 +119,7 @@ def test_frame_budget_strikes_drain_at_the_allowed_rate() -> None:
         budget.admit(0)
     for _ in range(4):
         assert budget.admit(0) == math.inf  # 4 strikes (a token takes 10 s > the max delay)
+        budget.read_done(False, 100)
     # 20 s later: 2 tokens back, and 2 strikes drained.
     assert [budget.admit(20) for _ in range(2)] == [0.0, 0.0]
     assert budget.admit(20) == math.inf
