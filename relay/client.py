@@ -13,8 +13,8 @@ It does what relay.js does in a browser:
   connect, so after a 4401 (the token ran out) too.
 - Every send carries a random `ref`. A send not yet `accepted` is kept and sent
   again with the same ref after a reconnect and after `unconfirmed` or
-  `rate_limited` (with jittered backoff), so it is stored once; `send` raises
-  RelayClientError on any other `error`.
+  `rate_limited` (with jittered backoff; `rate_limited` ones one at a time), so
+  it is stored once; `send` raises RelayClientError on any other `error`.
 - Deliveries are deduplicated by id across sessions (the last `dedupe_size`
   ids) and acked in batches: one `ack` frame per `ack_delay_s`, up to the
   welcome's `max_inflight` ids.
@@ -117,6 +117,10 @@ CLOSE_TIMEOUT_S = 2.0  # a relay that stopped answering does not hold a reconnec
 # The first retry of an `unconfirmed` / `rate_limited` send waits up to this (doubling
 # after): a burst of refused sends comes back spread out, not as another burst.
 RETRY_MIN_S = 0.5
+# `rate_limited` sends are retried one at a time, client-wide, waiting up to this at most
+# (whatever max_backoff_s): each retry the relay refuses is a strike against the
+# connection (README, "Rate limits"), so the retries must slow down to the relay's rate.
+RATE_RETRY_MAX_S = 20.0
 
 
 def backoff_s(attempt: int, min_s: float, max_s: float) -> float:
@@ -179,6 +183,8 @@ class RelayClient:
         self._ready = trio.Event()  # set while _ws is set, and once stopped
         self._stopped: RelayStopped | None = None
         self._pending: dict[str, _Send] = {}
+        self._rate_retry = trio.Lock()  # held by the one `rate_limited` send being retried
+        self._rate_refusals = 0  # retries refused in a row, less one per accepted retry
         self._seen: OrderedDict[str, bool] = OrderedDict()  # delivered id -> acked
         self._acks: dict[str, None] = {}  # ids to ack, in order
         self._acks_queued = trio.Event()
@@ -235,6 +241,7 @@ class RelayClient:
             frame["ttl"] = ttl_s
         pending = self._pending[ref] = _Send(orjson.dumps(frame).decode())
         retries, maybe_stored = 0, False
+        paced = False  # holds _rate_retry
         try:
             while True:
                 if self._ws is not None:
@@ -245,6 +252,8 @@ class RelayClient:
                 answer = pending.answer
                 assert answer is not None
                 if answer["type"] == "accepted":
+                    if paced:
+                        self._rate_refusals = max(self._rate_refusals - 1, 0)
                     return Accepted.from_wire(answer)
                 code = answer["code"]
                 maybe_stored = maybe_stored or code == "unconfirmed"
@@ -253,9 +262,20 @@ class RelayClient:
                 if code not in RETRY_ERRORS and not (maybe_stored and code == UNAVAILABLE):
                     raise RelayClientError(code, answer.get("message", ""))
                 pending.answered, pending.answer, pending.sent_on = trio.Event(), None, None
-                await trio.sleep(backoff_s(retries, RETRY_MIN_S, self._max_backoff_s))
-                retries += 1
+                if code == "rate_limited":
+                    if paced:
+                        self._rate_refusals += 1
+                    else:
+                        await self._rate_retry.acquire()
+                        paced = True
+                    delay = backoff_s(self._rate_refusals, RETRY_MIN_S, RATE_RETRY_MAX_S)
+                else:
+                    delay = backoff_s(retries, RETRY_MIN_S, self._max_backoff_s)
+                    retries += 1
+                await trio.sleep(delay)
         finally:
+            if paced:
+                self._rate_retry.release()
             del self._pending[ref]
 
     async def receive(self) -> Message:

@@ -120,7 +120,8 @@ export class RelayClient extends EventTarget {
   /**
    * Resolves with the relay's `accepted` answer. Until then the send is kept and sent again
    * with the same ref after a reconnect, and after an `unconfirmed` or `rate_limited` answer
-   * (jittered backoff from 500 ms, doubling; a `storage_unavailable` answering the retry of
+   * (jittered backoff from 500 ms, doubling; `rate_limited` sends one at a time, up to 20 s
+   * apart whatever maxBackoffMs; a `storage_unavailable` answering the retry of
    * an `unconfirmed` send keeps it pending too). Rejects with a RelayError carrying the
    * relay's code on any other error, and with closed / replaced / unauthorized on a stop.
    * With sealing it waits for a welcome (it names the sender), seals once for the one

@@ -10,19 +10,21 @@
 //
 // What it does for you: first-frame auth (token string or function, called before each
 // connect), random refs, resend of unanswered sends with the same ref after a reconnect and
-// of `unconfirmed` and `rate_limited` ones after a backoff, deduplication of redeliveries by
-// id, acks batched after the message listeners returned, reconnects with full-jitter
-// backoff, and an idle watchdog. With `identity` and `publicKey` (seal.js), every send is
-// sealed for its recipient and every delivery opened; one that does not open is an `unopened`
-// event, never a `message`.
+// of `unconfirmed` and `rate_limited` ones after a backoff (`rate_limited` ones one at a
+// time), deduplication of redeliveries by id, acks batched after the message listeners
+// returned, reconnects with full-jitter backoff, and an idle watchdog. With `identity` and
+// `publicKey` (seal.js), every send is sealed for its recipient and every delivery opened;
+// one that does not open is an `unopened` event, never a `message`.
 
 const SUBPROTOCOL = "relay.v1";
 const OPEN = 1;
-/** Answers after which a send is sent again with its ref (a retry stores at most one copy). */
-const RETRY_CODES = new Set(["unconfirmed", "rate_limited"]);
-/** The first retry of such a send waits up to this (doubling after), so a burst of refused
- * sends comes back spread out rather than as another burst. */
+/** The first retry of an `unconfirmed` or `rate_limited` send waits up to this (doubling
+ * after), so a burst of refused sends comes back spread out rather than as another burst. */
 const RETRY_MIN_MS = 500;
+/** `rate_limited` sends are retried one at a time, client-wide, waiting up to this at most
+ * (whatever maxBackoffMs): each retry the relay refuses is a strike against the connection
+ * (README, "Rate limits"), so the retries must slow down to the relay's rate. */
+const RATE_RETRY_MAX_MS = 20000;
 /** @type {Promise<typeof import("./seal.js")> | null} loaded on the first seal or open */
 let sealModule = null;
 const loadSeal = () => (sealModule ??= import("./seal.js"));
@@ -135,6 +137,14 @@ export class RelayClient extends EventTarget {
     this._attempt = 0;
     /** @type {Map<string, {frame: Record<string, any>, resolve: (a: Accepted) => void, reject: (e: Error) => void, retries: number, maybeStored: boolean}>} */
     this._pending = new Map();
+    /** @type {Array<any>} `rate_limited` sends waiting for their retry, oldest first */
+    this._limited = [];
+    /** @type {any} the `rate_limited` send whose retry awaits its answer */
+    this._limitedRetry = null;
+    /** @type {ReturnType<typeof setTimeout> | null} */
+    this._limitedTimer = null;
+    /** retries refused in a row, less one per accepted retry */
+    this._limitedRefusals = 0;
     /** @type {Map<string, true>} delivery ids seen, oldest first */
     this._seen = new Map();
     /** @type {Set<string>} */
@@ -376,6 +386,10 @@ export class RelayClient extends EventTarget {
       case "accepted": {
         const entry = this._pending.get(frame.ref);
         if (!entry) return;
+        if (entry === this._limitedRetry) {
+          this._limitedRefusals = Math.max(this._limitedRefusals - 1, 0);
+          this._nextLimited(null);
+        }
         this._pending.delete(frame.ref);
         entry.resolve({
           ref: frame.ref,
@@ -388,9 +402,14 @@ export class RelayClient extends EventTarget {
       case "error": {
         const entry = frame.ref === undefined ? undefined : this._pending.get(frame.ref);
         if (!entry) return;
+        if (frame.code === "rate_limited") {
+          this._retryLimited(entry);
+          return;
+        }
+        if (entry === this._limitedRetry) this._nextLimited(null);
         if (frame.code === "unconfirmed") entry.maybeStored = true;
         // After `unconfirmed`, a retry's storage_unavailable says nothing of the first try.
-        if (RETRY_CODES.has(frame.code) || (entry.maybeStored && frame.code === "storage_unavailable")) {
+        if (frame.code === "unconfirmed" || (entry.maybeStored && frame.code === "storage_unavailable")) {
           // The same ref converges on one copy: send it again after a jittered delay.
           const delay = jitter(entry.retries, RETRY_MIN_MS, this._maxBackoffMs);
           entry.retries += 1;
@@ -432,8 +451,49 @@ export class RelayClient extends EventTarget {
       this._connecting = null;
     }
     for (const waiter of this._welcomeWaiters.splice(0)) waiter.resolve(frame.mailbox);
+    this._forgetLimited();
     for (const entry of this._pending.values()) this._transmit(entry.frame);
     if (this._acks.size) this._scheduleAcks();
+  }
+
+  /** A `rate_limited` answer: queue the send for its retry (again at the head when it was
+   * the one being retried: the relay still refuses, so wait longer). @param {any} entry */
+  _retryLimited(entry) {
+    if (entry === this._limitedRetry) {
+      this._limitedRefusals += 1;
+      this._limited.unshift(entry);
+      this._nextLimited(null);
+    } else {
+      this._limited.push(entry);
+      this._nextLimited(this._limitedRetry);
+    }
+  }
+
+  /** Schedule the next `rate_limited` retry unless one is due or awaits its answer.
+   * @param {any} retrying the send whose retry is still unanswered (null: none) */
+  _nextLimited(retrying) {
+    this._limitedRetry = retrying;
+    if (retrying !== null || this._limitedTimer !== null || this._limited.length === 0) return;
+    const delay = jitter(this._limitedRefusals, RETRY_MIN_MS, RATE_RETRY_MAX_MS);
+    this._limitedTimer = setTimeout(() => {
+      this._limitedTimer = null;
+      if (this.state !== "open") return; // the welcome sends every pending send again
+      while (this._limited.length) {
+        const entry = this._limited.shift();
+        if (this._pending.get(entry.frame.ref) !== entry) continue; // answered meanwhile
+        this._limitedRetry = entry;
+        this._transmit(entry.frame);
+        return;
+      }
+    }, delay);
+  }
+
+  /** A new session sends every pending send again: the queue of retries starts over. */
+  _forgetLimited() {
+    if (this._limitedTimer !== null) clearTimeout(this._limitedTimer);
+    this._limitedTimer = null;
+    this._limitedRetry = null;
+    this._limited = [];
   }
 
   /** @param {Array<Record<string, any>>} messages */
@@ -577,6 +637,7 @@ export class RelayClient extends EventTarget {
       } catch {}
     }
     const error = new RelayError(errorCode, reason);
+    this._forgetLimited();
     for (const entry of this._pending.values()) entry.reject(error);
     this._pending.clear();
     for (const waiter of this._welcomeWaiters.splice(0)) waiter.reject(error);
