@@ -142,7 +142,7 @@ async def test_two_pages_exchange_200_messages_in_order_each_once_and_nothing_re
 ) -> None:
     relay = await make_relay(dedupe_window_s=1)
 
-    def scenario(browser: Any) -> tuple[list[str], list[str], int]:
+    def scenario(browser: Any) -> tuple[list[str], list[str], int, list[Any]]:
         alice, bob = open_page(browser, http_origin(relay)), open_page(browser, http_origin(relay))
         start_client(alice, relay.port, token("alice-b"))
         start_client(bob, relay.port, token("bob-b"))
@@ -157,12 +157,20 @@ async def test_two_pages_exchange_200_messages_in_order_each_once_and_nothing_re
         bob.wait_for_function("client._acks.size === 0 && client._ackTimer === null")
         bodies = bob.evaluate("window.got.map((m) => m.body)")
         ids = bob.evaluate("window.got.map((m) => m.id)")
-        return bodies, ids, bob.evaluate("client.stats.ackFrames")
+        once = [
+            alice.evaluate("client.stats.sends"),
+            welcomes(alice),
+            welcomes(bob),
+            closes(alice) + closes(bob),
+            bob.evaluate("client.stats.duplicatesDropped"),
+        ]
+        return bodies, ids, bob.evaluate("client.stats.ackFrames"), once
 
-    bodies, ids, ack_frames = await in_browser(scenario)
+    bodies, ids, ack_frames, once = await in_browser(scenario)
     assert bodies == [f"m{i}" for i in range(200)]
     assert len(set(ids)) == 200
     assert ack_frames >= 1
+    assert once == [200, 1, 1, [], 0]  # each sent once, one session each, nothing redelivered
     with trio.fail_after(DEADLINE_S):  # acks delete the messages, the dedupe window the refs
         await poll_until(lambda: _keys(redis_client, prefix) == [])
 
@@ -571,7 +579,7 @@ async def test_a_send_answered_unconfirmed_is_sent_again_and_stored_once(
         page.wait_for_function("window.outcome !== undefined")
         return page.evaluate("window.outcome")
 
-    def scenario(browser: Any) -> list[Any]:
+    def scenario(browser: Any) -> tuple[list[Any], int, list[dict[str, Any]]]:
         page = open_page(browser, http_origin(relay))
         start_client(page, relay.port, token("alice-u"))
         outcomes = []
@@ -579,12 +587,13 @@ async def test_a_send_answered_unconfirmed_is_sent_again_and_stored_once(
             outcomes.append(send_while_paused(page, attempt))
             if outcomes[-1] != "storage_unavailable":
                 break
-        return outcomes
+        return outcomes, welcomes(page), closes(page)
 
     try:
-        outcomes = await in_browser(scenario)
+        outcomes, sessions, closed = await in_browser(scenario)
     finally:
         stall(False)
+    assert sessions == 1 and closed == []  # sent again on the same session
     *refused, outcome = outcomes
     assert refused == ["storage_unavailable"] * len(refused)
     assert isinstance(outcome, dict) and "lee-u" in outcome, outcomes

@@ -152,6 +152,7 @@ async def test_acks_of_100_deliveries_are_batched_into_few_frames(
             await poll_until(lambda: stored_bodies(redis_client, prefix, bob) == [])
             frames = (await scrape(ops)).value("relay_ack_frames_received_total") - before
     assert bodies == [f"a{i}" for i in range(100)]
+    assert client.stats.welcomes == 1 and client.stats.duplicates_dropped == 0  # no redelivery
     assert client.stats.ack_frames == frames
     assert 1 <= frames <= 10, f"{frames} ack frames for 100 messages"
 
@@ -299,6 +300,8 @@ async def test_unconfirmed_sends_are_sent_again_until_stored_once(
                             break
                     else:
                         pytest.fail(f"no send was answered unconfirmed in {PAUSE_ATTEMPTS} pauses")
+                # Sent again on the same session: the pause closed nothing.
+                assert alice.stats.connects == alice.stats.welcomes == 1
                 unconfirmed = (await scrape(ops)).value(
                     "relay_requests_rejected_total", code="unconfirmed"
                 )

@@ -40,7 +40,7 @@ async def test_the_module_in_node(relay: RunningRelay, make_relay: RelayFactory)
         pytest.skip("no node with a global WebSocket on the PATH (22+, or 20 with a flag)")
     limited = await make_relay(rate_limit_per_s=0.5, rate_burst=10)  # over the burst: refused
     script = Path(__file__).parent / "node" / "module_test.mjs"
-    tokens = [token("alice-n"), token("bob-n"), token("bob-n")]
+    tokens = [token("alice-n"), token("bob-n"), token("bob-n"), token("dan-n"), token("eve-n")]
     with trio.fail_after(NODE_DEADLINE_S):
         result = await trio.run_process(
             [*command, str(script), relay.url, *tokens, limited.url],

@@ -1,10 +1,11 @@
 // relay.js in Node (a global WebSocket: 22+, or 20 with --experimental-websocket).
-// Usage: node module_test.mjs <ws url> <token alice> <token bob> <token bob again> <ws url of a
-// relay with a rate limit below one frame a second (0.5/s, burst 10): over the burst, refused>
+// Usage: node module_test.mjs <ws url> <token alice> <token bob> <token bob again> <token of a
+// third mailbox> <token of a fourth> <ws url of a relay with a rate limit below one frame a
+// second (0.5/s, burst 10): over the burst, refused>
 // Prints one line per check; exits non-zero on the first failure.
 import { RelayClient, RelayError } from "../../relay/web/relay.js";
 
-const [url, alice, bob, bobAgain, limitedUrl] = process.argv.slice(2);
+const [url, alice, bob, bobAgain, third, fourth, limitedUrl] = process.argv.slice(2);
 const deadline = setTimeout(() => { console.error("FAIL: deadline"); process.exit(2); }, 40000);
 
 function check(ok, what) {
@@ -30,6 +31,7 @@ const sends = [];
 for (let i = 0; i < 50; i++) sends.push(a.send(b.welcome.mailbox, `n${i}`));
 const accepted = await Promise.all(sends);
 check(new Set(accepted.map((x) => x.ref)).size === 50, "every send has its own random ref");
+check(a.stats.sends === 50, "each sent once");
 await until(() => b.got.length >= 50);
 check(b.got.map((m) => m.body).join() === [...Array(50).keys()].map((i) => `n${i}`).join(), "50 in order, each once");
 
@@ -47,7 +49,7 @@ try {
   check(error instanceof RelayError && error.code === "ttl_too_long", "a definite error rejects with its code");
 }
 
-const quiet = client(async () => alice, { idleTimeoutMs: 1000 });
+const quiet = client(async () => third, { idleTimeoutMs: 1000 });
 const first = quiet.connect();
 check(quiet.connect() === first, "connect() while connecting returns the same promise");
 await first;
@@ -55,7 +57,7 @@ await new Promise((r) => setTimeout(r, 2500)); // the point is time passing in s
 check(quiet.stats.welcomes === 1 && quiet.state === "open", "idle probes keep a quiet connection open");
 quiet.close();
 
-const limited = client(alice, {}, limitedUrl);
+const limited = client(fourth, {}, limitedUrl);
 await limited.connect();
 const burst = await Promise.allSettled([...Array(13).keys()].map((i) => limited.send("carol-n", `l${i}`)));
 check(burst.every((r) => r.status === "fulfilled"), "rate_limited sends are sent again until accepted");
@@ -67,6 +69,7 @@ const newer = client(bobAgain);
 await newer.connect();
 await until(() => b.state === "closed");
 check(b._reconnectTimer === null, "4409 stops the older client");
+check(a.state === "open" && a.stats.welcomes === 1, "the other clients' sessions did not touch alice's");
 a.close(); newer.close();
 clearTimeout(deadline);
 console.log("all ok");
