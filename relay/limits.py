@@ -55,11 +55,11 @@ class FrameBudget:
     MAX_DELAY_S (a rate below one frame a second) is refused instead. A read
     with refusals is one strike (the client sent its frames before it could see
     an answer: a queue flushed at once is one strike, however long), strikes
-    drain at the allowed rate, and more than `burst` of them is abuse. So is being held back, read after read, for
-    longer than PATIENCE_BURSTS bursts' worth of the rate: a client that keeps
-    the relay's buffers full: a read that brought less than FULL_READ_BYTES
-    breaks the run, so a client that waits for answers before it sends more is
-    slowed down, never closed.
+    drain at the allowed rate, and more than `burst` of them is abuse. So is
+    being held back, read after read, for longer than PATIENCE_BURSTS bursts'
+    worth of the rate: a client that keeps the relay's buffers full: a read
+    that brought less than FULL_READ_BYTES breaks the run, so a client that
+    waits for answers before it sends more is slowed down, never closed.
     """
 
     allowed: TokenBucket
