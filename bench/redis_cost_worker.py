@@ -1,6 +1,8 @@
 """The workloads of bench/redis_cost.py, run in a child process whose `relay` package is the
 one under test (this checkout's, or another commit's on PYTHONPATH): only the store's
-interface (send, start_session, fetch, ack) and the pump are used, which every version has.
+interface (send, start_session, fetch, ack) and the pump are used, which every version has
+(where a version keeps them in other modules, or `fetch` returns a plain list, the worker
+takes what that version has).
 
     python -m relay_bench.redis_cost_worker URL WORKLOAD OPTIONS_JSON
 
@@ -11,7 +13,9 @@ on, so that the snapshots the driver takes meanwhile hold the phase's commands o
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import secrets
 import sys
 import time
@@ -20,10 +24,19 @@ from typing import Any
 
 import trio
 
-from relay.redis.connection import RedisConnection, pack
-from relay.redis.pump import RedisPump
+import relay
 from relay.session import FETCH_PAGE
 from relay.store_redis import RedisMailboxStore
+
+# The Redis layer moved into relay/redis/ (17b0601). The tree under test is checked on
+# disk: for a missing module the editable install would hand over this checkout's.
+if os.path.isdir(os.path.join(os.path.dirname(relay.__file__), "redis")):
+    _connection, _pump = "relay.redis.connection", "relay.redis.pump"
+else:
+    _connection, _pump = "relay.redis_conn", "relay.redis_pump"
+RedisConnection: Any = importlib.import_module(_connection).RedisConnection
+pack: Callable[[Any], bytes] = importlib.import_module(_connection).pack
+RedisPump: Any = importlib.import_module(_pump).RedisPump
 
 PREFIX = "cost:"
 TTL_S = 3600
@@ -115,10 +128,13 @@ class Workloads:
             more = True
             while more:
                 page = await self.store.fetch(box, after, FETCH_PAGE)
-                if page.deliveries:
-                    after = page.deliveries[-1].seq
-                    await self.store.ack(box, [d.id for d in page.deliveries])
-                more = page.more
+                if isinstance(page, list):  # before ddefb47: the deliveries alone
+                    deliveries, more = page, len(page) == FETCH_PAGE
+                else:
+                    deliveries, more = page.deliveries, page.more
+                if deliveries:
+                    after = deliveries[-1].seq
+                    await self.store.ack(box, [d.id for d in deliveries])
 
         await _all(one, self.boxes)
 
