@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,11 +158,13 @@ def _repeats(
     }
     medians = {side: compare.medians(workload, m) for side, m in sides.items() if m}
     ratios = {}
+    paired: dict[str, float | None] = {}
     if "baseline" in medians:
         ratios = {
             key: compare.ratio(value, medians["baseline"][key])
             for key, value in medians["relay"].items()
         }
+        paired = _paired_ratios(workload, runs)
     return {
         "by": compare.MEDIAN_BY[workload],
         "runs": [
@@ -175,7 +178,28 @@ def _repeats(
         ],
         "medians": medians,
         "median_ratios": ratios,
+        "paired_ratios": paired,
     }
+
+
+def _paired_ratios(workload: str, runs: Sequence[Measured]) -> dict[str, float | None]:
+    """Per headline number, the geometric mean over the turns of relay / baseline within
+    each turn (two runs next to each other): where the machine's speed drifts between
+    runs, this tells a difference sooner than the ratio of the medians does."""
+    turns = [runs[i : i + 2] for i in range(0, len(runs) - 1, 2)]
+    headlines = [
+        {r.label: compare.headline(workload, r.outcome.metrics) for r in turn} for turn in turns
+    ]
+    paired: dict[str, float | None] = {}
+    for item in compare.ITEMS[workload]:
+        values = [compare.ratio(t["relay"][item.key], t["baseline"][item.key]) for t in headlines]
+        known = [v for v in values if v]
+        paired[item.key] = (
+            round(statistics.geometric_mean(known), 3)
+            if known and len(known) == len(values)
+            else None
+        )
+    return paired
 
 
 def write(result: dict[str, Any], outcome: Outcome, out_dir: str, stem: str) -> tuple[str, str]:
@@ -288,22 +312,23 @@ def comparison_tables(result: dict[str, Any]) -> list[TextTable]:
 
 def _repeats_table(workload: str, repeats: dict[str, Any]) -> TextTable:
     """One row per headline number: each run's, as they ran (* marks a side's median run),
-    then each side's median and the ratio of the medians."""
+    then each side's median, the ratio of the medians and the paired ratio."""
     runs = repeats["runs"]
     header = [
         "metric",
         *[f"{n}: {r['label']}{' *' if r['median_run'] else ''}" for n, r in enumerate(runs, 1)],
         *[f"median: {side}" for side in repeats["medians"]],
     ]
-    ratios = repeats["median_ratios"]
+    ratios, paired = repeats["median_ratios"], repeats["paired_ratios"]
     if ratios:
-        header.append("relay / baseline")
+        header += ["relay / baseline", "paired (geomean)"]
     rows = []
     for item in compare.ITEMS[workload]:
         row = [item.key, *[value_text(r["headline"][item.key], item.unit) for r in runs]]
         row += [value_text(m[item.key], item.unit) for m in repeats["medians"].values()]
         if ratios:
-            row.append("-" if ratios[item.key] is None else f"{ratios[item.key]:g}")
+            for value in (ratios[item.key], paired[item.key]):
+                row.append("-" if value is None else f"{value:g}")
         rows.append(row)
     title = f"Repeats (* each side's median run by {repeats['by']}: the one reported above)"
     return title, header, rows

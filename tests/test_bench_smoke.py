@@ -166,8 +166,13 @@ def test_repeat_runs_the_two_relays_in_turns_and_reports_each_sides_median_run(
     assert ratio == pytest.approx(
         medians["relay"]["msgs_per_s"] / medians["baseline"]["msgs_per_s"], rel=0.01
     )
+    # Paired: relay / baseline within each turn (runs 1 and 2, then 4 and 3), geometric mean.
+    cpu = [r["headline"]["relay_cpu_us_per_msg"] for r in runs]
+    assert repeats["paired_ratios"]["relay_cpu_us_per_msg"] == pytest.approx(
+        (cpu[0] / cpu[1] * cpu[3] / cpu[2]) ** 0.5, rel=0.01
+    )
     markdown = next((tmp_path / "o").glob("throughput-*.md")).read_text()
-    assert "## Repeats" in markdown and "| relay / baseline |" in markdown
+    assert "## Repeats" in markdown and "| relay / baseline | paired (geomean) |" in markdown
 
 
 def test_repeat_is_checked(tmp_path: Path) -> None:
