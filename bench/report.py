@@ -193,11 +193,9 @@ def _paired_ratios(workload: str, runs: Sequence[Measured]) -> dict[str, float |
     paired: dict[str, float | None] = {}
     for item in compare.ITEMS[workload]:
         values = [compare.ratio(t["relay"][item.key], t["baseline"][item.key]) for t in headlines]
-        known = [v for v in values if v]
+        known = [v for v in values if v]  # a ratio is None where a side has no value
         paired[item.key] = (
-            round(statistics.geometric_mean(known), 3)
-            if known and len(known) == len(values)
-            else None
+            round(statistics.geometric_mean(known), 3) if len(known) == len(values) > 0 else None
         )
     return paired
 
