@@ -16,7 +16,7 @@ from pathlib import Path
 
 import attrs
 import trio
-from relay_fixtures import SECRET
+from relay_fixtures import SECRET, accepts_connections, poll_until
 
 from relay.embedded import free_loopback_port
 
@@ -37,16 +37,13 @@ class RelayProcess:
 
 async def _wait_listening(relay: RelayProcess, port: int) -> None:
     """Poll a TCP connect until the relay accepts; fail early if it exited."""
-    while True:
+
+    async def listening() -> bool:
         if relay.process.poll() is not None:
             raise AssertionError(f"relay exited with {relay.process.returncode}:\n{relay.log()}")
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-        except OSError:
-            await trio.sleep(0.05)
-            continue
-        await stream.aclose()
-        return
+        return await accepts_connections(port)
+
+    await poll_until(listening)
 
 
 async def stop_process(process: trio.Process) -> int:

@@ -217,6 +217,16 @@ async def poll_until(
         await trio.sleep(interval_s)
 
 
+async def accepts_connections(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:port (for `poll_until`)."""
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
 async def send_steadily(
     session: RelaySession,
     mailbox: str,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from relay_fixtures import accepts_connections, poll_until
 
 from relay.embedded import free_loopback_port
 
@@ -36,16 +37,12 @@ pytestmark = pytest.mark.skipif(
 
 
 async def _wait_listening(process: trio.Process, port: int) -> None:
+    async def listening() -> bool:
+        assert process.poll() is None, f"the echo server exited with {process.returncode}"
+        return await accepts_connections(port)
+
     with trio.fail_after(START_S):
-        while True:
-            assert process.poll() is None, f"the echo server exited with {process.returncode}"
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
+        await poll_until(listening)
 
 
 async def test_autobahn_fuzzingclient_cases_1_to_7_and_9_pass(tmp_path: Path) -> None:

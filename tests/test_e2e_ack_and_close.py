@@ -16,6 +16,7 @@ from relay_fixtures import (
     RelayFactory,
     Scrape,
     close_code,
+    poll_until,
     raw_session,
     recv,
     request,
@@ -111,12 +112,14 @@ async def test_close_1000_normal_when_the_client_closes(make_relay: RelayFactory
     with trio.fail_after(DEADLINE_S):
         async with raw_session(relay.url, "alice") as (ws, _):
             await ws.aclose(CloseCode.NORMAL)
+
         # The relay's own count of the close, not the code trio-websocket records for
         # the close it sent itself.
-        after = before
-        while _closed_total(after) == _closed_total(before):
-            await trio.sleep(0.02)
-            after = await scrape(relay.ops_port)
+        async def counted() -> bool:
+            return _closed_total(await scrape(relay.ops_port)) != _closed_total(before)
+
+        await poll_until(counted, 0.02)
+        after = await scrape(relay.ops_port)
         assert after.value(CLOSED, code="1000") == before.value(CLOSED, code="1000") + 1
         assert _closed_total(after) == _closed_total(before) + 1
         async with open_relay(relay.url, token("alice")) as alice:  # no 4409 for anyone

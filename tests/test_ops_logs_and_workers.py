@@ -27,6 +27,7 @@ from relay_fixtures import (
     TEARDOWN_S,
     close_code,
     http,
+    poll_until,
     raw_session,
     raw_ws,
     recv,
@@ -268,11 +269,13 @@ async def test_workers_serve_a_client_each_and_exit_cleanly_on_sigterm(tmp_path:
         def log_text() -> str:
             return stderr_path.read_text(errors="replace")
 
+        async def both_ready() -> bool:
+            assert process.poll() is None, f"supervisor exited:\n{log_text()}"
+            return await is_ready(ops) and await is_ready(ops + 1)
+
         async with killed_at_exit(process, workers):
             with trio.fail_after(WORKER_START_S):
-                while not (await is_ready(ops) and await is_ready(ops + 1)):
-                    assert process.poll() is None, f"supervisor exited:\n{log_text()}"
-                    await trio.sleep(0.1)
+                await poll_until(both_ready, 0.1)
             workers += children_of(process.pid)
             assert len(workers) == 2, workers
 
@@ -296,15 +299,17 @@ async def test_workers_serve_a_client_each_and_exit_cleanly_on_sigterm(tmp_path:
             # A worker that dies is restarted (on the same ops port).
             victim = workers[0]
             os.kill(victim, signal.SIGKILL)
+
+            async def restarted() -> bool:
+                assert process.poll() is None, f"supervisor exited:\n{log_text()}"
+                current = children_of(process.pid)
+                if victim in current or len(current) != 2:
+                    return False
+                return await is_ready(ops) and await is_ready(ops + 1)
+
             with trio.fail_after(WORKER_START_S):
-                while True:
-                    assert process.poll() is None, f"supervisor exited:\n{log_text()}"
-                    current = children_of(process.pid)
-                    restarted = victim not in current and len(current) == 2
-                    if restarted and await is_ready(ops) and await is_ready(ops + 1):
-                        break
-                    await trio.sleep(0.1)
-            workers += [pid for pid in current if pid not in workers]
+                await poll_until(restarted, 0.1)
+            workers += [pid for pid in children_of(process.pid) if pid not in workers]
 
             process.send_signal(signal.SIGTERM)
             with trio.fail_after(DEADLINE_S * 2):
